@@ -1,0 +1,50 @@
+"""Who may enrol: one interface (validate, then notify success or failure), implemented by the static
+challenge and by Intune's validation service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+
+from scep.protocol import FailInfo
+
+
+@dataclass(frozen=True)
+class EnrollmentRequest:
+    """What a validator may look at. `challenge` is a secret: never log it."""
+
+    transaction_id: str
+    csr: x509.CertificateSigningRequest
+    csr_der: bytes
+    challenge: str | None
+    renewal: bool  # a RenewalReq whose signer certificate this CA issued and which verified
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    fail_info: FailInfo = FailInfo.BAD_REQUEST
+    reason: str = ""  # safe to log and to send as failInfoText: never contains the challenge
+    validator: ChallengeValidator | None = None  # who accepted, and so who must be notified
+
+
+class NotificationFailed(Exception):
+    """The success notification did not go through: the certificate must not be delivered."""
+
+
+class ChallengeValidator(Protocol):
+    name: str
+
+    def validate(self, request: EnrollmentRequest) -> Verdict:
+        """Decide whether this request may be issued. Fail closed on any doubt."""
+        ...
+
+    def notify_success(self, request: EnrollmentRequest, certificate: x509.Certificate) -> None:
+        """Report the issued certificate; raise NotificationFailed when the report did not go through."""
+        ...
+
+    def notify_failure(self, request: EnrollmentRequest, hresult: int, description: str) -> None:
+        """Report a failure after a successful validation (best effort, never raises)."""
+        ...

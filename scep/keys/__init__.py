@@ -1,0 +1,153 @@
+"""Custody of private keys: one small interface, implemented by local PEM files and Azure Key Vault.
+
+Nothing outside the custody backends ever touches a private key. The SCEP core asks a `KeyHandle` to sign a
+digest or to decrypt a key-transport blob, and reads the certificate that goes with the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from cryptography import x509
+
+
+class KeyTransport(str, Enum):
+    """How a content-encryption key was wrapped for us (RSA only)."""
+
+    RSA_PKCS1V15 = "RSA1_5"
+    RSA_OAEP_SHA1 = "RSA-OAEP"
+    RSA_OAEP_SHA256 = "RSA-OAEP-256"
+
+
+class SignaturePadding(str, Enum):
+    """RSA signature padding; ignored for EC keys."""
+
+    PKCS1V15 = "pkcs1v15"
+    PSS = "pss"
+
+
+class CustodyError(Exception):
+    """A custody backend could not perform an operation (unreachable, throttled past retries, refused)."""
+
+
+class KeyHandle(Protocol):
+    """One private key and the certificate that goes with it."""
+
+    @property
+    def certificate(self) -> x509.Certificate: ...
+
+    def sign_digest(
+        self, digest: bytes, hash_name: str, padding: SignaturePadding = SignaturePadding.PKCS1V15
+    ) -> bytes:
+        """Sign a precomputed digest; hash_name is 'sha1', 'sha256', 'sha384' or 'sha512'.
+
+        Returns the signature as X.509 and CMS expect it: raw for RSA, DER (Ecdsa-Sig-Value) for ECDSA.
+        Raises CustodyError when the backend fails.
+        """
+        ...
+
+    def decrypt(self, ciphertext: bytes, transport: KeyTransport) -> bytes:
+        """Unwrap a key-transport blob (RSA keys only). Raises CustodyError when the backend fails."""
+        ...
+
+
+@dataclass(frozen=True)
+class CaKeys:
+    """The keys the SCEP service works with at one moment.
+
+    ca: the issuing CA; ra: the RA that decrypts requests and signs CertReps (issued by ca);
+    next_ca: a rolled-over CA served by GetNextCACert, if any; chain: certificates above ca (empty for a root);
+    retired: earlier CA certificates whose issued certificates may still renew.
+    """
+
+    ca: KeyHandle
+    ra: KeyHandle
+    next_ca: KeyHandle | None = None
+    chain: tuple[x509.Certificate, ...] = ()
+    retired: tuple[x509.Certificate, ...] = ()
+
+    def trusted_issuers(self) -> list[x509.Certificate]:
+        """CA certificates whose issued certificates this server accepts as renewal signers."""
+        issuers = [self.ca.certificate, *self.retired]
+        if self.next_ca is not None:
+            issuers.append(self.next_ca.certificate)
+        return issuers
+
+
+class Custody(Protocol):
+    """A home for the CA and RA keys (local files, Key Vault)."""
+
+    def keys(self) -> CaKeys:
+        """The current keys; cheap on the warm path (cached), refreshed when a new version appears."""
+        ...
+
+    def describe(self) -> str:
+        """Where the keys live, for logs and `scep doctor` (no secrets)."""
+        ...
+
+
+class Slot(str, Enum):
+    """Where a key sits in the CA's life: the current CA, a rolled-over next CA, the RA."""
+
+    CA = "ca"
+    NEXT_CA = "next-ca"
+    RA = "ra"
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What key to generate: kty 'RSA' (size 2048/3072/4096) or 'EC' (curve 'P-256'/'P-384'); hsm for Key Vault."""
+
+    kty: str = "RSA"
+    size: int = 2048
+    curve: str = "P-256"
+    hsm: bool = False
+
+
+@dataclass(frozen=True)
+class PendingKey:
+    """A freshly generated key that has no certificate yet.
+
+    signer signs with the new key (a self-signed root needs it); csr_der is the backend's CSR for that key
+    (Key Vault makes one; the local backend builds one), which an external CA signs for a subordinate.
+    """
+
+    slot: Slot
+    public_key_der: bytes
+    csr_der: bytes
+    signer: KeyHandle
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One certificate and key as `scep ca show` reports it."""
+
+    slot: Slot
+    certificate: x509.Certificate
+    key_type: str
+    hardware: bool
+    version: str
+
+
+class KeyHome(Custody, Protocol):
+    """Custody plus the CA lifecycle operations `scep ca` needs; implemented by every custody backend."""
+
+    def exists(self, slot: Slot) -> bool: ...
+
+    def begin(self, slot: Slot, spec: KeySpec, subject: x509.Name) -> PendingKey:
+        """Generate a key for slot (a new version if the slot exists); it stays pending until complete()."""
+        ...
+
+    def pending(self, slot: Slot) -> PendingKey | None: ...
+
+    def complete(self, slot: Slot, certificate: x509.Certificate, chain: list[x509.Certificate]) -> None:
+        """Attach the certificate (and its chain above it) to the pending key of slot, making it live."""
+        ...
+
+    def promote(self) -> None:
+        """Make the next CA the current one; the previous current CA becomes retired."""
+        ...
+
+    def inventory(self) -> list[KeyInfo]: ...
