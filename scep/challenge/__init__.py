@@ -36,6 +36,9 @@ class NotificationFailed(Exception):
 
 class ChallengeValidator(Protocol):
     name: str
+    # True when the validator must hear of the issued certificate before the device may have it (Intune):
+    # the certificate is then recorded as undelivered until notify_success returns.
+    requires_notification: bool
 
     def validate(self, request: EnrollmentRequest) -> Verdict:
         """Decide whether this request may be issued. Fail closed on any doubt."""

@@ -136,6 +136,10 @@ class KeyHome(Custody, Protocol):
 
     def exists(self, slot: Slot) -> bool: ...
 
+    def handle(self, slot: Slot) -> KeyHandle:
+        """The live key of a slot (the CA key is needed to issue the RA before CaKeys can be built)."""
+        ...
+
     def begin(self, slot: Slot, spec: KeySpec, subject: x509.Name) -> PendingKey:
         """Generate a key for slot (a new version if the slot exists); it stays pending until complete()."""
         ...

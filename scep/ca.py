@@ -1,0 +1,103 @@
+"""The CA lifecycle, one implementation for every custody backend: init, subordinate, RA, rollover, promote."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from scep.issuer import ca_certificate, ra_certificate
+from scep.keys import KeyHome, KeySpec, Slot
+
+DEFAULT_CA_SUBJECT = "CN=SCEP Root CA,O=scep-intune-ca"
+DEFAULT_RA_SUBJECT = "CN=SCEP RA,O=scep-intune-ca"
+RA_SPEC = KeySpec(kty="RSA", size=2048)
+
+
+class LifecycleError(Exception):
+    """The operation would be unsafe or is out of order; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class CaOptions:
+    subject: str = DEFAULT_CA_SUBJECT
+    days: int = 3650
+    spec: KeySpec = KeySpec()
+
+
+def parse_subject(subject: str) -> x509.Name:
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError as error:
+        raise LifecycleError(f"not a distinguished name: {subject!r} ({error})") from None
+    if len(name) == 0:
+        raise LifecycleError("the subject must not be empty")
+    return name
+
+
+def init_root(home: KeyHome, options: CaOptions, force: bool = False) -> x509.Certificate:
+    """A self-signed root whose key the backend generates (and, for Key Vault, never exports)."""
+    if home.exists(Slot.CA) and not force:
+        raise LifecycleError("a CA already exists: pass --force to replace it (devices must then trust the new CA)")
+    certificate = _self_signed(home, Slot.CA, options)
+    issue_ra(home)
+    return certificate
+
+
+def init_subordinate(home: KeyHome, options: CaOptions, force: bool = False) -> bytes:
+    """Generate the CA key and return a CSR (DER) for an enterprise root to sign; `import_signed` finishes."""
+    if home.exists(Slot.CA) and not force:
+        raise LifecycleError("a CA already exists: pass --force to replace it")
+    pending = home.begin(Slot.CA, options.spec, parse_subject(options.subject))
+    return pending.csr_der
+
+
+def import_signed(home: KeyHome, certificate: x509.Certificate, chain: list[x509.Certificate]) -> None:
+    """Attach an externally signed CA certificate (and its chain up to the root) to the pending CA key."""
+    slot = Slot.CA if home.pending(Slot.CA) is not None else Slot.NEXT_CA
+    if home.pending(slot) is None:
+        raise LifecycleError("no pending CA key: run `scep ca init --subordinate` (or `rollover --subordinate`)")
+    constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if not constraints.ca:
+        raise LifecycleError("the imported certificate is not a CA certificate")
+    home.complete(slot, certificate, chain)
+    if slot is Slot.CA:
+        issue_ra(home)
+
+
+def issue_ra(home: KeyHome, subject: str = DEFAULT_RA_SUBJECT, days: int = 730) -> x509.Certificate:
+    """Issue (or renew, with a new key) the RA certificate under the current CA."""
+    if not home.exists(Slot.CA):
+        raise LifecycleError("there is no CA: run `scep ca init` first")
+    ca = home.handle(Slot.CA)
+    pending = home.begin(Slot.RA, RA_SPEC, parse_subject(subject))
+    public_key = serialization.load_der_public_key(pending.public_key_der)
+    certificate = ra_certificate(parse_subject(subject), public_key, ca, days)
+    home.complete(Slot.RA, certificate, [])
+    return certificate
+
+
+def rollover(home: KeyHome, options: CaOptions) -> x509.Certificate:
+    """Create the next CA (served by GetNextCACert) beside the current one."""
+    if not home.exists(Slot.CA):
+        raise LifecycleError("there is no CA to roll over: run `scep ca init` first")
+    return _self_signed(home, Slot.NEXT_CA, options)
+
+
+def promote(home: KeyHome) -> x509.Certificate:
+    """Make the next CA current and issue a new RA under it."""
+    if not home.exists(Slot.NEXT_CA):
+        raise LifecycleError("there is no next CA: run `scep ca rollover` first")
+    home.promote()
+    issue_ra(home)
+    return home.keys().ca.certificate
+
+
+def _self_signed(home: KeyHome, slot: Slot, options: CaOptions) -> x509.Certificate:
+    subject = parse_subject(options.subject)
+    pending = home.begin(slot, options.spec, subject)
+    public_key = serialization.load_der_public_key(pending.public_key_der)
+    certificate = ca_certificate(subject, public_key, pending.signer, None, options.days)
+    home.complete(slot, certificate, [])
+    return certificate

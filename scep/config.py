@@ -1,0 +1,275 @@
+"""The composition root: reads settings, fails with a message naming the wrong setting, builds the service once.
+
+Every setting the product reads is listed in SETTINGS (the configuration reference in docs/configuration.md and
+the infrastructure checks are held to this list).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from scep.ca import CaOptions, init_root
+from scep.challenge import ChallengeValidator
+from scep.challenge.static import StaticValidator
+from scep.issuer import DEFAULT_ALLOWED_EKUS, EKU_NAMES, Profile
+from scep.keys import KeyHome, Slot
+from scep.service import ScepService, ServiceOptions
+from scep.store import Store
+from scep.web import DEFAULT_MAX_MESSAGE_BYTES
+
+log = logging.getLogger("scep.config")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names it and says what is expected."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    description: str
+    azure: bool = False  # provisioned by infra/ for the Azure deployment
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SCEP_DATA_DIR", "./.scep", "Local CA/RA PEM files and the SQLite store (embedded default)."),
+    Setting("SCEP_CHALLENGE", "", "Static challenge password; `scep serve` generates one when empty.", secret=True),
+    Setting("SCEP_CHALLENGE_MODE", "static", "static, intune, or static,intune (both at once).", azure=True),
+    Setting("SCEP_CERT_VALIDITY_DAYS", "365", "Validity of issued certificates in days (1-3650).", azure=True),
+    Setting("SCEP_ALLOW_DES", "false", "Legacy: accept single DES and MD5 (micromdm scepclient)."),
+    Setting("SCEP_MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES), "Largest PKIOperation message accepted."),
+    Setting("SCEP_ALLOWED_EKUS", ",".join(EKU_NAMES), "Extended key usages a CSR may ask for (names or OIDs)."),
+    Setting("SCEP_STORE", "auto", "sqlite, tables, or auto (tables when a table endpoint is set).", azure=True),
+    Setting("SCEP_TABLES_ENDPOINT", "", "Table service URI for identity-based access.", azure=True),
+    Setting("AzureWebJobsStorage__tableServiceUri", "", "Functions' identity-based storage convention.", azure=True),
+    Setting("SCEP_TABLES_CONNECTION_STRING", "", "Table connection string (Azurite).", secret=True),
+    Setting("SCEP_TABLE_PREFIX", "scep", "Prefix of the inventory tables.", azure=True),
+    Setting("KEY_VAULT_URL", "", "Azure Key Vault URL: CA and RA keys live there when set.", azure=True),
+    Setting("SCEP_CA_CERT_NAME", "scep-ca", "Key Vault certificate holding the CA.", azure=True),
+    Setting("SCEP_RA_CERT_NAME", "scep-ra", "Key Vault certificate holding the RA.", azure=True),
+    Setting("AZURE_CLIENT_ID", "", "Client ID of the user-assigned managed identity.", azure=True),
+    Setting("INTUNE_TENANT_ID", "", "Entra tenant of the Intune service.", azure=True),
+    Setting("INTUNE_CLIENT_ID", "", "App registration used for Intune (empty with managed-identity).", azure=True),
+    Setting("INTUNE_AUTH", "secret", "secret, certificate, managed-identity or federated.", azure=True),
+    Setting("INTUNE_CLIENT_SECRET", "", "Client secret of the Intune app registration.", secret=True),
+    Setting("INTUNE_CLIENT_SECRET_NAME", "", "Key Vault secret holding the Intune client secret.", azure=True),
+    Setting("INTUNE_CLIENT_CERTIFICATE_PATH", "", "PEM with the app registration's certificate and key."),
+    Setting("INTUNE_AUTHORITY_HOST", "https://login.microsoftonline.com", "Entra authority (sovereign clouds)."),
+    Setting("INTUNE_GRAPH_URL", "https://graph.microsoft.com", "Microsoft Graph endpoint (service discovery)."),
+    Setting("INTUNE_RESOURCE_URL", "https://api.manage.microsoft.com/", "Intune API resource."),
+    Setting("SCEP_WEBHOOK_SECRET", "", "Shared secret of the step-ca validation webhooks.", secret=True),
+    Setting("SCEP_WEBHOOK_SECRET_NAME", "", "Key Vault secret holding the webhook secret.", azure=True),
+)
+_DEFAULTS = {s.name: s.default for s in SETTINGS}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+MODES = {"static", "intune"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: Mapping[str, str]
+
+    def get(self, name: str) -> str:
+        value = self.values.get(name)
+        return value.strip() if value is not None and value.strip() else _DEFAULTS[name]
+
+    def flag(self, name: str) -> bool:
+        value = self.get(name).lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE:
+            return False
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        value = self.get(name)
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, not {number}")
+        return number
+
+    @property
+    def modes(self) -> set[str]:
+        modes = {m.strip().lower() for m in self.get("SCEP_CHALLENGE_MODE").split(",") if m.strip()}
+        if not modes or not modes <= MODES:
+            raise ConfigError("SCEP_CHALLENGE_MODE must be static, intune or static,intune")
+        return modes
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.get("SCEP_DATA_DIR")).expanduser()
+
+    @property
+    def uses_key_vault(self) -> bool:
+        return bool(self.get("KEY_VAULT_URL"))
+
+    @property
+    def store_kind(self) -> str:
+        kind = self.get("SCEP_STORE").lower()
+        if kind == "auto":
+            tables = any(self.get(n) for n in ("SCEP_TABLES_ENDPOINT", "SCEP_TABLES_CONNECTION_STRING"))
+            return "tables" if tables else "sqlite"
+        if kind not in ("sqlite", "tables"):
+            raise ConfigError("SCEP_STORE must be sqlite, tables or auto")
+        return kind
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every setting; raises ConfigError naming the first wrong one."""
+    settings = Settings(dict(os.environ if environ is None else environ))
+    settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650)
+    settings.integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024)
+    settings.flag("SCEP_ALLOW_DES")
+    allowed_ekus(settings)
+    modes = settings.modes
+    if "static" in modes and not settings.get("SCEP_CHALLENGE"):
+        raise ConfigError("SCEP_CHALLENGE is required when SCEP_CHALLENGE_MODE includes static")
+    if "intune" in modes and not settings.get("INTUNE_TENANT_ID"):
+        raise ConfigError("INTUNE_TENANT_ID is required when SCEP_CHALLENGE_MODE includes intune")
+    if settings.store_kind == "tables" and not _tables_source(settings):
+        raise ConfigError("SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
+                          "or SCEP_TABLES_CONNECTION_STRING")
+    return settings
+
+
+def allowed_ekus(settings: Settings) -> frozenset:
+    from cryptography.x509 import ObjectIdentifier
+
+    found = set()
+    for item in (part.strip() for part in settings.get("SCEP_ALLOWED_EKUS").split(",")):
+        if not item:
+            continue
+        if item in EKU_NAMES:
+            found.add(EKU_NAMES[item])
+            continue
+        try:
+            found.add(ObjectIdentifier(item))
+        except ValueError:
+            raise ConfigError(f"SCEP_ALLOWED_EKUS: {item!r} is neither a known name nor an OID") from None
+    return frozenset(found) or DEFAULT_ALLOWED_EKUS
+
+
+# --- building the backends ---
+
+
+def build_key_home(settings: Settings) -> KeyHome:
+    if settings.uses_key_vault:
+        from scep.keys.azure_credentials import build_credential
+        from scep.keys.keyvault import KeyVaultHome
+
+        return KeyVaultHome(
+            settings.get("KEY_VAULT_URL"),
+            ca_name=settings.get("SCEP_CA_CERT_NAME"),
+            ra_name=settings.get("SCEP_RA_CERT_NAME"),
+            credential=build_credential(settings.get("AZURE_CLIENT_ID") or None),
+        )
+    from scep.keys.local import LocalHome
+
+    return LocalHome(settings.data_dir)
+
+
+def ensure_local_ca(settings: Settings, home: KeyHome) -> bool:
+    """Create the embedded root CA and RA on first start (once, even with several workers). True if created."""
+    if settings.uses_key_vault or (home.exists(Slot.CA) and home.exists(Slot.RA)):
+        return False
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(settings.data_dir / ".init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if home.exists(Slot.CA) and home.exists(Slot.RA):
+            return False
+        init_root(home, CaOptions(), force=False)
+        return True
+
+
+def _tables_source(settings: Settings) -> str:
+    return (
+        settings.get("SCEP_TABLES_CONNECTION_STRING")
+        or settings.get("SCEP_TABLES_ENDPOINT")
+        or settings.get("AzureWebJobsStorage__tableServiceUri")
+    )
+
+
+def build_store(settings: Settings) -> Store:
+    if settings.store_kind == "tables":
+        from scep.store.tables import TableStore
+
+        prefix = settings.get("SCEP_TABLE_PREFIX")
+        connection_string = settings.get("SCEP_TABLES_CONNECTION_STRING")
+        if connection_string:
+            return TableStore.from_connection_string(connection_string, table_prefix=prefix)
+        from scep.keys.azure_credentials import build_credential
+
+        credential = build_credential(settings.get("AZURE_CLIENT_ID") or None)
+        return TableStore(_tables_source(settings), credential, table_prefix=prefix)
+    from scep.store.sqlite import SqliteStore
+
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return SqliteStore(settings.data_dir / "scep.db")
+
+
+def build_validator(settings: Settings) -> ChallengeValidator:
+    modes = settings.modes
+    static = StaticValidator(settings.get("SCEP_CHALLENGE")) if "static" in modes else None
+    if "intune" not in modes:
+        assert static is not None
+        return static
+    from scep.challenge.intune import build_intune_validator
+
+    intune = build_intune_validator(settings)
+    if static is None:
+        return intune
+    from scep.challenge.composite import CompositeValidator
+
+    return CompositeValidator([static, intune])
+
+
+def build_service(settings: Settings) -> ScepService:
+    home = build_key_home(settings)
+    ensure_local_ca(settings, home)
+    options = ServiceOptions(
+        allow_legacy=settings.flag("SCEP_ALLOW_DES"),
+        profile=Profile(
+            validity_days=settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650),
+            allowed_ekus=allowed_ekus(settings),
+        ),
+    )
+    return ScepService(home, build_store(settings), build_validator(settings), options)
+
+
+_service: ScepService | None = None
+_settings: Settings | None = None
+_lock = threading.Lock()
+
+
+def settings() -> Settings:
+    """The process's settings, checked once."""
+    global _settings
+    if _settings is None:
+        _settings = load_settings()
+    return _settings
+
+
+def service() -> ScepService:
+    """The process's service, built once (Functions keeps the worker warm)."""
+    global _service
+    if _service is None:
+        with _lock:
+            if _service is None:
+                _service = build_service(settings())
+    return _service
+
+
+def max_message_bytes() -> int:
+    return settings().integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024)

@@ -1,0 +1,381 @@
+"""The SCEP operations, framework-free: capabilities, CA certificates, the PKIOperation state machine.
+
+Every failure after the message could be read is a signed CertRep FAILURE; only messages too broken to
+answer raise MalformedMessage (the HTTP layer turns it into a 400).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from asn1crypto import cms
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import AttributeOID
+
+from scep import message as msg
+from scep.challenge import ChallengeValidator, EnrollmentRequest, NotificationFailed, Verdict
+from scep.issuer import PolicyError, Profile, device_certificate, is_ca_certificate, random_serial
+from scep.keys import CaKeys, Custody, CustodyError
+from scep.protocol import CAPABILITIES_BASE, FailInfo, MessageType, PkiStatus
+from scep.store import CertStatus, Claim, ClaimOutcome, IssuedCertificate, SerialInUse, Store, StoreError, TxState
+
+log = logging.getLogger("scep.service")
+
+LEASE = timedelta(seconds=60)
+SERIAL_ATTEMPTS = 3
+# HRESULTs reported to the validator (Intune failureNotification) when issuance fails after validation.
+HRESULT_POLICY = 0x80094800  # CERTSRV_E_UNSUPPORTED_CERT_TYPE: the request asks for what the profile refuses
+HRESULT_INTERNAL = 0x80004005  # E_FAIL: custody or store failure while issuing
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    allow_legacy: bool = False  # single DES and MD5, for clients that speak nothing else
+    profile: Profile = field(default_factory=Profile)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A CertRep to send back (DER) and what it said, for logs and tests."""
+
+    der: bytes
+    status: PkiStatus
+    fail_info: FailInfo | None = None
+    certificate: x509.Certificate | None = None
+
+
+class ScepService:
+    def __init__(self, custody: Custody, store: Store, validator: ChallengeValidator, options: ServiceOptions):
+        self.custody = custody
+        self.store = store
+        self.validator = validator
+        self.options = options
+
+    # --- simple operations ---
+
+    def capabilities(self) -> list[str]:
+        caps = list(CAPABILITIES_BASE)
+        if self.custody.keys().next_ca is not None:
+            caps.append("GetNextCACert")
+        return caps
+
+    def ca_certificates(self) -> bytes:
+        """GetCACert: RA certificate first, then the issuing CA (and nothing above it)."""
+        keys = self.custody.keys()
+        return msg.certs_only([keys.ra.certificate, keys.ca.certificate])
+
+    def next_ca_certificates(self) -> bytes | None:
+        """GetNextCACert: the next CA in a certs-only SignedData, signed by the current CA."""
+        keys = self.custody.keys()
+        if keys.next_ca is None:
+            return None
+        inner = msg.certs_only([keys.next_ca.certificate])
+        return msg.sign_message(keys.ca, "sha256", [], inner)
+
+    # --- PKIOperation ---
+
+    def pki_operation(self, der: bytes) -> Reply:
+        keys = self.custody.keys()
+        try:
+            request = msg.parse_pki_message(der, self.options.allow_legacy)
+        except msg.MalformedMessage:
+            raise
+        except msg.MessageError as error:
+            if error.attributes is None:
+                raise msg.MalformedMessage(error.reason) from None
+            log.info("transaction %s refused: %s", error.attributes.transaction_id, error.reason)
+            return self._failure(
+                keys,
+                error.attributes.transaction_id,
+                error.attributes.sender_nonce,
+                "sha256",
+                error.fail_info,
+                error.reason,
+            )
+        try:
+            return self._dispatch(keys, request)
+        except msg.MessageError as error:
+            log.info("transaction %s refused: %s", request.transaction_id, error.reason)
+            return self._fail(keys, request, error.fail_info, error.reason)
+        except CustodyError as error:
+            log.error("transaction %s: key custody failed: %s", request.transaction_id, error)
+            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the CA is temporarily unavailable; retry later")
+        except StoreError as error:
+            log.error("transaction %s: store failed: %s", request.transaction_id, error)
+            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the CA is temporarily unavailable; retry later")
+        except Exception:  # never a 500 for a readable request: log the bug, answer a signed FAILURE
+            log.exception("transaction %s: unexpected error", request.transaction_id)
+            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the request could not be processed")
+
+    def _dispatch(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
+        kind = request.message_type
+        if kind in (MessageType.PKCS_REQ, MessageType.RENEWAL_REQ):
+            return self._enroll(keys, request)
+        if kind == MessageType.CERT_POLL:
+            return self._poll(keys, request)
+        if kind == MessageType.GET_CERT:
+            return self._get_cert(keys, request)
+        if kind == MessageType.GET_CRL:
+            return self._fail(keys, request, FailInfo.BAD_REQUEST, "this CA publishes no CRL")
+        return self._fail(keys, request, FailInfo.BAD_REQUEST, f"unsupported messageType {kind}")
+
+    def _enroll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
+        envelope = self._envelope(request)
+        csr_der = msg.open_envelope(envelope, keys.ra)
+        csr = _load_csr(csr_der)
+        renewal = self._renewal_signer(keys, request)
+        if request.message_type == MessageType.RENEWAL_REQ and renewal is None:
+            raise msg.MessageError(
+                FailInfo.BAD_MESSAGE_CHECK, "RenewalReq must be signed by a valid certificate this CA issued"
+            )
+        if renewal is not None:
+            _check_renewal_identity(renewal, csr)
+        enrollment = EnrollmentRequest(
+            transaction_id=request.transaction_id,
+            csr=csr,
+            csr_der=csr_der,
+            challenge=_challenge_password(csr),
+            renewal=renewal is not None,
+        )
+        claim = self.store.claim(request.transaction_id, _key_id(csr.public_key()), LEASE)
+        if claim.outcome is ClaimOutcome.ISSUED:
+            return self._deliver_again(keys, request, envelope, claim)
+        if claim.outcome is ClaimOutcome.BUSY:
+            return self._pending(keys, request)
+        if claim.outcome is ClaimOutcome.KEY_MISMATCH:
+            return self._fail(keys, request, FailInfo.BAD_REQUEST, "this transactionID belongs to another key")
+        return self._issue(keys, request, envelope, enrollment, claim)
+
+    def _issue(
+        self,
+        keys: CaKeys,
+        request: msg.PkiMessage,
+        envelope: msg.Envelope,
+        enrollment: EnrollmentRequest,
+        claim: Claim,
+    ) -> Reply:
+        verdict = self._validate(enrollment)
+        if not verdict.accepted:
+            self.store.record_failed(claim, int(verdict.fail_info), verdict.reason)
+            log.info("transaction %s rejected: %s", request.transaction_id, verdict.reason)
+            return self._fail(keys, request, verdict.fail_info, verdict.reason or "the request was not authorised")
+        validator = verdict.validator or self.validator
+        try:
+            issued = self._sign_and_record(keys, enrollment, claim, validator.requires_notification)
+        except PolicyError as error:
+            validator.notify_failure(enrollment, HRESULT_POLICY, error.reason)
+            self.store.record_failed(claim, int(error.fail_info), error.reason)
+            return self._fail(keys, request, error.fail_info, error.reason)
+        except (CustodyError, StoreError) as error:
+            validator.notify_failure(enrollment, HRESULT_INTERNAL, "the CA could not issue the certificate")
+            self._record_failed_quietly(claim, str(error))
+            raise
+        try:
+            validator.notify_success(enrollment, issued)
+        except NotificationFailed as error:
+            self.store.mark_undelivered(issued.serial_number)
+            log.error(
+                "transaction %s: serial %x withheld, success notification failed: %s",
+                request.transaction_id,
+                issued.serial_number,
+                error,
+            )
+            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the issuance could not be confirmed; retry")
+        if validator.requires_notification:
+            self.store.mark_delivered(issued.serial_number)
+        log.info(
+            "transaction %s issued serial %x to %s",
+            request.transaction_id,
+            issued.serial_number,
+            issued.subject.rfc4514_string(),
+        )
+        return self._success(keys, request, envelope, issued)
+
+    def _validate(self, enrollment: EnrollmentRequest) -> Verdict:
+        try:
+            return self.validator.validate(enrollment)
+        except Exception:  # a validator must fail closed, whatever went wrong inside it
+            log.exception("transaction %s: validator %s failed", enrollment.transaction_id, self.validator.name)
+            return Verdict(False, FailInfo.BAD_REQUEST, "the request could not be validated")
+
+    def _sign_and_record(
+        self, keys: CaKeys, enrollment: EnrollmentRequest, claim: Claim, notify: bool
+    ) -> x509.Certificate:
+        for _ in range(SERIAL_ATTEMPTS):
+            certificate = device_certificate(enrollment.csr, keys.ca, self.options.profile, random_serial())
+            if is_ca_certificate(certificate):  # belt and braces: the profile never builds one
+                raise PolicyError(FailInfo.BAD_REQUEST, "refusing to issue a CA certificate")
+            record = _record(
+                certificate,
+                enrollment.transaction_id,
+                keys.ca.certificate,
+                CertStatus.UNDELIVERED if notify else CertStatus.ISSUED,
+            )
+            try:
+                self.store.record_issued(claim, record)
+                return certificate
+            except SerialInUse:
+                continue
+            except StoreError:
+                log.error(
+                    "transaction %s: certificate serial %x signed but not recorded as delivered: %s",
+                    enrollment.transaction_id,
+                    certificate.serial_number,
+                    certificate.public_bytes(serialization.Encoding.PEM).decode().replace("\n", "|"),
+                )
+                raise
+        raise StoreError("could not find a free serial number")
+
+    def _record_failed_quietly(self, claim: Claim, reason: str) -> None:
+        try:
+            self.store.record_failed(claim, int(FailInfo.BAD_REQUEST), reason)
+        except StoreError:
+            log.warning("transaction %s: could not record the failure", claim.transaction_id)
+
+    def _deliver_again(self, keys: CaKeys, request: msg.PkiMessage, envelope: msg.Envelope, claim: Claim) -> Reply:
+        record = claim.certificate
+        assert record is not None
+        if record.status is not CertStatus.ISSUED:
+            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the certificate of this transaction was withheld")
+        log.info("transaction %s retransmitted: same certificate %x", request.transaction_id, record.serial)
+        return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
+
+    def _poll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
+        envelope = self._envelope(request)  # its IssuerAndSubject adds nothing: the transactionID identifies it
+        state = self.store.transaction_state(request.transaction_id)
+        if state is TxState.PROCESSING:
+            return self._pending(keys, request)
+        record = self.store.certificate_for_transaction(request.transaction_id)
+        if state is TxState.ISSUED and record is not None and record.status is CertStatus.ISSUED:
+            return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
+        return self._fail(keys, request, FailInfo.BAD_CERT_ID, "no certificate was issued for this transaction")
+
+    def _get_cert(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
+        envelope = self._envelope(request)
+        issuer, serial = _issuer_and_serial(msg.open_envelope(envelope, keys.ra))
+        ours = {c.subject.public_bytes() for c in keys.trusted_issuers()}
+        record = self.store.certificate_by_serial(serial) if issuer in ours else None
+        if record is None or record.status is not CertStatus.ISSUED:
+            return self._fail(keys, request, FailInfo.BAD_CERT_ID, "no such certificate")
+        return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
+
+    def _envelope(self, request: msg.PkiMessage) -> msg.Envelope:
+        if not request.content:
+            raise msg.MessageError(FailInfo.BAD_REQUEST, "the message has no pkcsPKIEnvelope")
+        return msg.read_envelope(request.content, self.options.allow_legacy)
+
+    def _renewal_signer(self, keys: CaKeys, request: msg.PkiMessage) -> x509.Certificate | None:
+        """The signer certificate when this CA issued it, it is unexpired and not withheld; else None."""
+        signer = request.signer_certificate
+        if signer.issuer == signer.subject:
+            return None
+        now = datetime.now(timezone.utc)
+        if not signer.not_valid_before_utc <= now <= signer.not_valid_after_utc:
+            return None
+        for issuer in keys.trusted_issuers():
+            if issuer.subject != signer.issuer:
+                continue
+            try:
+                signer.verify_directly_issued_by(issuer)
+            except (InvalidSignature, ValueError, TypeError):
+                continue
+            record = self.store.certificate_by_serial(signer.serial_number)
+            if record is not None and record.status is CertStatus.ISSUED:
+                return signer
+        return None
+
+    # --- replies ---
+
+    def _success(
+        self, keys: CaKeys, request: msg.PkiMessage, envelope: msg.Envelope, certificate: x509.Certificate
+    ) -> Reply:
+        inner = msg.certs_only([certificate])
+        sealed = msg.seal_envelope(inner, request.signer_certificate, envelope.cipher, envelope.transport)
+        attributes = msg.cert_rep_attributes(PkiStatus.SUCCESS, request.transaction_id, request.sender_nonce)
+        der = msg.sign_message(keys.ra, request.digest_name, attributes, sealed)
+        return Reply(der, PkiStatus.SUCCESS, certificate=certificate)
+
+    def _pending(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
+        attributes = msg.cert_rep_attributes(PkiStatus.PENDING, request.transaction_id, request.sender_nonce)
+        return Reply(msg.sign_message(keys.ra, request.digest_name, attributes, None), PkiStatus.PENDING)
+
+    def _fail(self, keys: CaKeys, request: msg.PkiMessage, fail_info: FailInfo, reason: str) -> Reply:
+        return self._failure(keys, request.transaction_id, request.sender_nonce, request.digest_name, fail_info, reason)
+
+    def _failure(
+        self, keys: CaKeys, transaction_id: str, nonce: bytes, digest_name: str, fail_info: FailInfo, reason: str
+    ) -> Reply:
+        if digest_name not in msg.HASHES:
+            digest_name = "sha256"
+        attributes = msg.cert_rep_attributes(PkiStatus.FAILURE, transaction_id, nonce, fail_info, reason)
+        return Reply(msg.sign_message(keys.ra, digest_name, attributes, None), PkiStatus.FAILURE, fail_info)
+
+
+def _load_csr(der: bytes) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_der_x509_csr(der)
+        valid = csr.is_signature_valid
+    except Exception:  # cryptography raises ValueError and friends on malformed or unsupported CSRs
+        raise msg.MessageError(FailInfo.BAD_REQUEST, "the certificate request is not a valid PKCS#10") from None
+    if not valid:
+        raise msg.MessageError(FailInfo.BAD_MESSAGE_CHECK, "the certificate request signature does not verify")
+    return csr
+
+
+def _challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
+    try:
+        value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+    except (x509.AttributeNotFound, ValueError):
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text or None
+
+
+def _check_renewal_identity(signer: x509.Certificate, csr: x509.CertificateSigningRequest) -> None:
+    """A renewal may re-certify what the old certificate said, nothing more."""
+    if csr.subject != signer.subject:
+        raise msg.MessageError(FailInfo.BAD_REQUEST, "a renewal must keep the subject of the certificate it renews")
+    if _san(csr.extensions) != _san(signer.extensions):
+        raise msg.MessageError(FailInfo.BAD_REQUEST, "a renewal must keep the subjectAltName of the old certificate")
+
+
+def _san(extensions: x509.Extensions) -> frozenset:
+    try:
+        return frozenset(extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return frozenset()
+
+
+def _key_id(public_key) -> str:
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def _record(
+    certificate: x509.Certificate, transaction_id: str, ca: x509.Certificate, status: CertStatus
+) -> IssuedCertificate:
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return IssuedCertificate(
+        serial=certificate.serial_number,
+        transaction_id=transaction_id,
+        subject=certificate.subject.rfc4514_string(),
+        issuer_sha256=hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
+        thumbprint_sha1=hashlib.sha1(der).hexdigest().upper(),
+        der=der,
+        status=status,
+    )
+
+
+def _issuer_and_serial(der: bytes) -> tuple[bytes, int]:
+    try:
+        parsed = cms.IssuerAndSerialNumber.load(der, strict=True)
+        return parsed["issuer"].dump(), parsed["serial_number"].native
+    except Exception:
+        raise msg.MessageError(FailInfo.BAD_REQUEST, "GetCert content is not an IssuerAndSerialNumber") from None
