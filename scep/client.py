@@ -39,6 +39,9 @@ class RequestOptions:
     method: str = "POST"  # or "GET"
 
 
+DEFAULT_OPTIONS = RequestOptions()
+
+
 @dataclass
 class Enrollment:
     """What a client needs to build a request and to read the answer."""
@@ -215,7 +218,7 @@ class ScepClient:
         return body
 
     def enroll(
-        self, enrollment: Enrollment, ra: x509.Certificate, options: RequestOptions = RequestOptions()
+        self, enrollment: Enrollment, ra: x509.Certificate, options: RequestOptions = DEFAULT_OPTIONS
     ) -> Result:
         reply = self.pki_operation(build_request(enrollment, ra, options), options.method)
         return read_reply(reply, enrollment, ra)
@@ -225,7 +228,7 @@ class ScepClient:
         enrollment: Enrollment,
         ra: x509.Certificate,
         ca: x509.Certificate,
-        options: RequestOptions = RequestOptions(),
+        options: RequestOptions = DEFAULT_OPTIONS,
     ) -> Result:
         content = msg.issuer_and_subject_der(ca.subject, enrollment.csr.subject)
         enrollment.sender_nonce = os.urandom(16)
@@ -237,7 +240,7 @@ class ScepClient:
         enrollment: Enrollment,
         ra: x509.Certificate,
         issued: x509.Certificate,
-        options: RequestOptions = RequestOptions(),
+        options: RequestOptions = DEFAULT_OPTIONS,
     ) -> Result:
         enrollment.sender_nonce = os.urandom(16)
         content = msg.issuer_and_serial_der(issued)

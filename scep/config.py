@@ -17,7 +17,7 @@ from pathlib import Path
 from scep.ca import CaOptions, init_root
 from scep.challenge import ChallengeValidator
 from scep.challenge.static import StaticValidator
-from scep.issuer import DEFAULT_ALLOWED_EKUS, EKU_NAMES, Profile
+from scep.issuer import DEFAULT_ALLOWED_EKUS, DEFAULT_EKU_NAMES, EKU_NAMES, Profile
 from scep.keys import KeyHome, Slot
 from scep.service import ScepService, ServiceOptions
 from scep.store import Store
@@ -46,7 +46,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_CERT_VALIDITY_DAYS", "365", "Validity of issued certificates in days (1-3650).", azure=True),
     Setting("SCEP_ALLOW_DES", "false", "Legacy: accept single DES and MD5 (micromdm scepclient)."),
     Setting("SCEP_MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES), "Largest PKIOperation message accepted."),
-    Setting("SCEP_ALLOWED_EKUS", ",".join(EKU_NAMES), "Extended key usages a CSR may ask for (names or OIDs)."),
+    Setting("SCEP_ALLOWED_EKUS", ",".join(DEFAULT_EKU_NAMES), "Extended key usages a CSR may ask for (names or OIDs)."),
     Setting("SCEP_STORE", "auto", "sqlite, tables, or auto (tables when a table endpoint is set).", azure=True),
     Setting("SCEP_TABLES_ENDPOINT", "", "Table service URI for identity-based access.", azure=True),
     Setting("AzureWebJobsStorage__tableServiceUri", "", "Functions' identity-based storage convention.", azure=True),
@@ -269,6 +269,14 @@ def service() -> ScepService:
             if _service is None:
                 _service = build_service(settings())
     return _service
+
+
+def reset() -> None:
+    """Forget the cached settings and service (after the environment changed)."""
+    global _service, _settings
+    with _lock:
+        _service = None
+        _settings = None
 
 
 def max_message_bytes() -> int:

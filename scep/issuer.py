@@ -27,15 +27,6 @@ SERIAL_BITS = 128
 
 OID_IPSEC_IKE = ObjectIdentifier("1.3.6.1.5.5.7.3.17")
 OID_SMARTCARD_LOGON = ObjectIdentifier("1.3.6.1.4.1.311.20.2.2")
-DEFAULT_ALLOWED_EKUS = frozenset(
-    {
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        ExtendedKeyUsageOID.EMAIL_PROTECTION,
-        ExtendedKeyUsageOID.IPSEC_IKE if hasattr(ExtendedKeyUsageOID, "IPSEC_IKE") else OID_IPSEC_IKE,
-        OID_SMARTCARD_LOGON,
-    }
-)
 EKU_NAMES = {
     "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH,
     "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
@@ -44,6 +35,8 @@ EKU_NAMES = {
     "ipsecIKE": OID_IPSEC_IKE,
     "smartcardLogon": OID_SMARTCARD_LOGON,
 }
+DEFAULT_EKU_NAMES = ("clientAuth", "serverAuth", "emailProtection", "ipsecIKE", "smartcardLogon")
+DEFAULT_ALLOWED_EKUS = frozenset(EKU_NAMES[name] for name in DEFAULT_EKU_NAMES)
 ALLOWED_EC_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 DEVICE_KEY_USAGES = (
     "digital_signature",

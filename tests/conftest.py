@@ -1,0 +1,57 @@
+"""Shared fixtures: a pool of RSA keys (slow to generate), a local CA, and an in-process SCEP service."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from scep.ca import CaOptions, init_root
+from scep.challenge.static import StaticValidator
+from scep.keys.local import LocalHome
+from scep.service import ScepService, ServiceOptions
+from scep.store.sqlite import SqliteStore
+
+CHALLENGE = "correct horse battery staple"
+
+
+class KeyPool:
+    """Hands out distinct RSA-2048 keys; a few are generated up front, more on demand."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def new(self, bits: int = 2048) -> rsa.RSAPrivateKey:
+        with self._lock:
+            self._count += 1
+        return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+@pytest.fixture(scope="session")
+def keys() -> KeyPool:
+    return KeyPool()
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("ca")
+    init_root(LocalHome(directory), CaOptions())
+    return directory
+
+
+@pytest.fixture
+def make_service(ca_dir: Path, tmp_path: Path) -> Callable[..., ScepService]:
+    def build(validator=None, **options) -> ScepService:
+        store = SqliteStore(tmp_path / "scep.db")
+        return ScepService(LocalHome(ca_dir), store, validator or StaticValidator(CHALLENGE), ServiceOptions(**options))
+
+    return build
+
+
+@pytest.fixture
+def service(make_service) -> ScepService:
+    return make_service()

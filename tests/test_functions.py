@@ -1,0 +1,117 @@
+"""The HTTP functions of function_app.py, called the way the Functions host calls them (no host needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import azure.functions as func
+import pytest
+from cryptography import x509
+
+from scep import config
+from scep import message as msg
+from scep.client import RequestOptions, build_request, make_csr, new_enrollment, read_reply, split_ra_and_ca
+from scep.protocol import PkiStatus
+from tests.conftest import CHALLENGE
+
+
+@pytest.fixture(scope="module")
+def functions(tmp_path_factory):
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SCEP_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    patch.setenv("SCEP_CHALLENGE", CHALLENGE)
+    patch.setenv("SCEP_MAX_MESSAGE_BYTES", "8192")
+    config.reset()
+    import function_app
+
+    routes = {}
+    for function in function_app.app.get_functions():
+        routes[function.get_trigger().route] = function.get_user_function()
+    yield routes
+    config.reset()
+    patch.undo()
+
+
+def call(functions, route: str, method: str = "GET", params: dict | None = None, body: bytes = b""):
+    request = func.HttpRequest(method, f"http://localhost/{route}", params=params or {}, body=body)
+    return functions[route](request)
+
+
+def test_routes_cover_the_paths_clients_use(functions):
+    assert {"api/scep", "api/scep/pkiclient.exe", "cgi-bin/pkiclient.exe", "certsrv/mscep/mscep.dll",
+            "api/health", "api/ca.pem", "api/ca.der"} <= set(functions)
+
+
+def test_get_ca_caps(functions):
+    response = call(functions, "cgi-bin/pkiclient.exe", params={"operation": "GetCACaps"})
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    caps = response.get_body().decode().split("\n")
+    assert {"POSTPKIOperation", "SHA-256", "AES", "SCEPStandard", "Renewal"} <= set(caps)
+    assert "GetNextCACert" not in caps  # no next CA exists yet
+
+
+def test_get_ca_cert_returns_ra_and_ca(functions):
+    response = call(functions, "api/scep", params={"operation": "GetCACert", "message": "0"})
+    assert response.mimetype == "application/x-x509-ca-ra-cert"
+    certificates = msg.read_certs_only(response.get_body())
+    assert len(certificates) == 2
+    ra, ca = split_ra_and_ca(certificates)
+    ra.verify_directly_issued_by(ca)
+    usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and usage.key_encipherment
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_pki_operation(functions, keys, method):
+    ra, _ = split_ra_and_ca(msg.read_certs_only(call(functions, "api/scep", params={"operation": "GetCACert"})
+                                                 .get_body()))
+    key = keys.new()
+    enrollment = new_enrollment(key, make_csr(key, f"fn-{method}", CHALLENGE))
+    request = build_request(enrollment, ra, RequestOptions())
+    if method == "GET":
+        # what an Apple device sends: base64 with '+' left unescaped, which the query parser turns into ' '
+        encoded = base64.b64encode(request).decode().replace("+", " ")
+        response = call(functions, "certsrv/mscep/mscep.dll", params={"operation": "PKIOperation",
+                                                                         "message": encoded})
+    else:
+        response = call(functions, "api/scep/pkiclient.exe", "POST", {"operation": "PKIOperation"}, request)
+    assert response.status_code == 200 and response.mimetype == "application/x-pki-message"
+    assert read_reply(response.get_body(), enrollment, ra).status is PkiStatus.SUCCESS
+
+
+@pytest.mark.parametrize(
+    "params,body,status",
+    [
+        ({}, b"", 400),
+        ({"operation": "Bogus"}, b"", 400),
+        ({"operation": "PKIOperation"}, b"", 400),
+        ({"operation": "PKIOperation"}, b"\x30\x82\xff\xff" + b"\x00" * 100, 400),
+        ({"operation": "PKIOperation"}, b"x" * 9000, 413),
+        ({"operation": "PKIOperation", "message": "%%%"}, b"", 400),
+    ],
+)
+def test_bad_input_gets_a_4xx(functions, params, body, status):
+    method = "POST" if body else "GET"
+    response = call(functions, "api/scep", method, params, body)
+    assert response.status_code == status
+    assert b"Traceback" not in response.get_body()
+
+
+def test_get_next_ca_cert_without_next_ca_is_404(functions):
+    assert call(functions, "api/scep", params={"operation": "GetNextCACert"}).status_code == 404
+
+
+def test_health(functions):
+    response = call(functions, "api/health")
+    report = json.loads(response.get_body())
+    assert response.status_code == 200 and report["status"] == "ok"
+    assert report["store"]["reachable"] is True
+    assert len(report["ca"]["sha256"]) == 64
+    assert CHALLENGE not in response.get_body().decode()
+
+
+def test_ca_downloads(functions):
+    pem = call(functions, "api/ca.pem").get_body()
+    der = call(functions, "api/ca.der").get_body()
+    assert x509.load_pem_x509_certificate(pem) == x509.load_der_x509_certificate(der)
