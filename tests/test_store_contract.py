@@ -1,0 +1,508 @@
+"""One contract for every inventory backend: SQLite, and Azure Tables (on Azurite)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from azure.core.credentials import AzureNamedKeyCredential
+
+from scep.store import (
+    CertStatus,
+    Claim,
+    ClaimOutcome,
+    IssuedCertificate,
+    SerialInUse,
+    Store,
+    StoreError,
+    TxState,
+)
+from scep.store.sqlite import SCHEMA_VERSION, SqliteStore
+from scep.store.tables import TableStore
+from tests.azurite import (
+    ACCOUNT_KEY,
+    ACCOUNT_NAME,
+    azurite,  # noqa: F401 - the session fixture, started only for the Tables backend
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LEASE = timedelta(minutes=5)
+KEY = "a1" * 32
+OTHER_KEY = "b2" * 32
+
+OpenStore = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "tables"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
+    """Opens stores over one shared inventory: each call is another worker or instance."""
+    if request.param == "sqlite":
+        path = tmp_path / "scep.db"
+        return lambda: SqliteStore(path)
+    emulator = request.getfixturevalue("azurite")
+    prefix = "t" + uuid.uuid4().hex[:16]
+    return lambda: TableStore.from_connection_string(emulator.connection_string, table_prefix=prefix)
+
+
+@pytest.fixture
+def store(open_store: OpenStore) -> Store:
+    return open_store()
+
+
+def make_certificate(transaction_id: str, serial: int | None = None, size: int = 1400) -> IssuedCertificate:
+    not_before = datetime.now(timezone.utc).replace(microsecond=123456)
+    return IssuedCertificate(
+        serial=serial if serial is not None else (1 << 150) + int.from_bytes(os.urandom(12), "big"),
+        transaction_id=transaction_id,
+        subject=f"CN=device-{transaction_id},O=Contoso",
+        issuer_sha256=os.urandom(32).hex(),
+        not_before=not_before,
+        not_after=not_before + timedelta(days=365),
+        thumbprint_sha1=os.urandom(20).hex().upper(),
+        der=os.urandom(size),
+    )
+
+
+def new_transaction_id() -> str:
+    return uuid.uuid4().hex.upper()
+
+
+def issue(store: Store, transaction_id: str, serial: int | None = None) -> IssuedCertificate:
+    claim = store.claim(transaction_id, KEY, LEASE)
+    assert claim.outcome is ClaimOutcome.CLAIMED
+    certificate = make_certificate(transaction_id, serial)
+    store.record_issued(claim, certificate)
+    return certificate
+
+
+# -- claim semantics -----------------------------------------------------------------------------------------
+
+
+def test_new_transaction_is_claimed(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    assert store.transaction_state(transaction_id) is None
+    claim = store.claim(transaction_id, KEY, LEASE)
+    assert claim.outcome is ClaimOutcome.CLAIMED
+    assert claim.transaction_id == transaction_id
+    assert claim.token
+    assert claim.certificate is None
+    assert store.transaction_state(transaction_id) is TxState.PROCESSING
+
+
+def test_claim_while_leased_is_busy(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    transaction_id = new_transaction_id()
+    assert first.claim(transaction_id, KEY, LEASE).outcome is ClaimOutcome.CLAIMED
+    assert second.claim(transaction_id, KEY, LEASE) == Claim(ClaimOutcome.BUSY, transaction_id)
+    assert first.claim(transaction_id, KEY, LEASE).outcome is ClaimOutcome.BUSY
+
+
+def test_expired_lease_is_claimed_again(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    stale = store.claim(transaction_id, KEY, timedelta(milliseconds=200))
+    time.sleep(0.4)
+    fresh = store.claim(transaction_id, KEY, LEASE)
+    assert fresh.outcome is ClaimOutcome.CLAIMED
+    assert fresh.token != stale.token
+    assert store.claim(transaction_id, KEY, LEASE).outcome is ClaimOutcome.BUSY
+
+
+def test_failed_transaction_is_claimed_again(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    store.record_failed(store.claim(transaction_id, KEY, LEASE), fail_info=2, reason="challenge rejected")
+    assert store.transaction_state(transaction_id) is TxState.FAILED
+    again = store.claim(transaction_id, KEY, LEASE)
+    assert again.outcome is ClaimOutcome.CLAIMED
+    assert store.transaction_state(transaction_id) is TxState.PROCESSING
+    certificate = make_certificate(transaction_id)
+    store.record_issued(again, certificate)
+    assert store.certificate_for_transaction(transaction_id) == certificate
+
+
+def test_different_key_is_a_mismatch(store: Store) -> None:
+    processing, issued = new_transaction_id(), new_transaction_id()
+    store.claim(processing, KEY, LEASE)
+    issue(store, issued)
+    for transaction_id in (processing, issued):
+        assert store.claim(transaction_id, OTHER_KEY, LEASE) == Claim(ClaimOutcome.KEY_MISMATCH, transaction_id)
+
+
+def test_issued_transaction_answers_with_its_certificate(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    transaction_id = new_transaction_id()
+    certificate = issue(first, transaction_id)
+    for store in (first, second):
+        again = store.claim(transaction_id, KEY, LEASE)
+        assert again.outcome is ClaimOutcome.ISSUED
+        assert again.token is None
+        assert again.certificate == certificate
+    assert first.transaction_state(transaction_id) is TxState.ISSUED
+
+
+def test_only_a_claimed_transaction_can_be_finished(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    store.claim(transaction_id, KEY, LEASE)
+    busy = store.claim(transaction_id, KEY, LEASE)
+    with pytest.raises(ValueError):
+        store.record_issued(busy, make_certificate(transaction_id))
+    with pytest.raises(ValueError):
+        store.record_failed(busy, 2, "nope")
+
+
+def test_certificate_must_belong_to_the_claimed_transaction(store: Store) -> None:
+    claim = store.claim(new_transaction_id(), KEY, LEASE)
+    with pytest.raises(ValueError):
+        store.record_issued(claim, make_certificate(new_transaction_id()))
+
+
+# -- recording and lookups -------------------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_every_field(store: Store) -> None:
+    transaction_id = "Tx/with#odd?chars\\ and spaces"
+    claim = store.claim(transaction_id, KEY, LEASE)
+    eastern = timezone(timedelta(hours=-5))
+    certificate = IssuedCertificate(
+        serial=(1 << 159) + 0xDEADBEEF,  # the widest serial RFC 5280 allows
+        transaction_id=transaction_id,
+        subject="CN=Zoë,OU=Ünits,O=Contoso\\, Ltd",
+        issuer_sha256="ab" * 32,
+        not_before=datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=eastern),
+        not_after=datetime(9999, 12, 31, 23, 59, 59),  # naive: taken as UTC
+        thumbprint_sha1="0F" * 20,
+        der=bytes(range(256)) * 12,
+    )
+    store.record_issued(claim, certificate)
+    for found in (store.certificate_by_serial(certificate.serial), store.certificate_for_transaction(transaction_id)):
+        assert found is not None
+        assert found.serial == certificate.serial
+        assert found.transaction_id == transaction_id
+        assert found.subject == certificate.subject
+        assert found.issuer_sha256 == certificate.issuer_sha256
+        assert found.thumbprint_sha1 == certificate.thumbprint_sha1
+        assert found.der == certificate.der
+        assert found.status is CertStatus.ISSUED
+        assert found.not_before == datetime(2025, 1, 2, 8, 4, 5, 678901, tzinfo=timezone.utc)
+        assert found.not_after == datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+        assert found.not_before.utcoffset() == timedelta(0)
+        assert found.not_after.utcoffset() == timedelta(0)
+    assert store.transaction_state(transaction_id) is TxState.ISSUED
+
+
+def test_unknown_lookups_are_none(store: Store) -> None:
+    assert store.certificate_by_serial(424242) is None
+    assert store.certificate_for_transaction("never seen") is None
+    assert store.transaction_state("never seen") is None
+
+
+def test_unfinished_transaction_has_no_certificate(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    store.claim(transaction_id, KEY, LEASE)
+    assert store.certificate_for_transaction(transaction_id) is None
+
+
+def test_serial_in_use(store: Store) -> None:
+    taken = issue(store, new_transaction_id())
+    transaction_id = new_transaction_id()
+    claim = store.claim(transaction_id, KEY, LEASE)
+    with pytest.raises(SerialInUse):
+        store.record_issued(claim, make_certificate(transaction_id, serial=taken.serial))
+    assert store.certificate_by_serial(taken.serial) == taken
+    assert store.transaction_state(transaction_id) is TxState.PROCESSING
+    retry = make_certificate(transaction_id)  # a fresh serial: the same claim still finishes
+    store.record_issued(claim, retry)
+    assert store.certificate_for_transaction(transaction_id) == retry
+
+
+def test_lost_lease_keeps_certificate_as_undelivered(open_store: OpenStore) -> None:
+    slow, fast = open_store(), open_store()
+    transaction_id = new_transaction_id()
+    stale = slow.claim(transaction_id, KEY, timedelta(milliseconds=200))
+    time.sleep(0.4)
+    current = fast.claim(transaction_id, KEY, LEASE)
+    assert current.outcome is ClaimOutcome.CLAIMED
+
+    late = make_certificate(transaction_id)
+    with pytest.raises(StoreError) as raised:
+        slow.record_issued(stale, late)
+    assert not isinstance(raised.value, SerialInUse)
+    kept = slow.certificate_by_serial(late.serial)
+    assert kept is not None
+    assert kept.status is CertStatus.UNDELIVERED
+    assert kept.der == late.der
+    assert fast.transaction_state(transaction_id) is TxState.PROCESSING
+    assert fast.certificate_for_transaction(transaction_id) is None
+
+    winner = make_certificate(transaction_id)
+    fast.record_issued(current, winner)
+    assert slow.claim(transaction_id, KEY, LEASE).certificate == winner
+    with pytest.raises(StoreError):
+        slow.record_failed(stale, 2, "too late")
+    assert slow.transaction_state(transaction_id) is TxState.ISSUED
+
+
+def test_mark_undelivered(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    certificate = issue(store, transaction_id)
+    store.mark_undelivered(certificate.serial)
+    found = store.certificate_by_serial(certificate.serial)
+    assert found is not None
+    assert found.status is CertStatus.UNDELIVERED
+    assert found.der == certificate.der
+    again = store.claim(transaction_id, KEY, LEASE)
+    assert again.outcome is ClaimOutcome.ISSUED
+    assert again.certificate is not None
+    assert again.certificate.status is CertStatus.UNDELIVERED
+    with pytest.raises(StoreError):
+        store.mark_undelivered(certificate.serial + 1)
+
+
+def test_mark_delivered_after_confirmation(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    claim = store.claim(transaction_id, KEY, LEASE)
+    withheld = replace(make_certificate(transaction_id), status=CertStatus.UNDELIVERED)
+    store.record_issued(claim, withheld)  # recorded before the validator has confirmed it
+    assert store.transaction_state(transaction_id) is TxState.ISSUED
+    assert store.certificate_for_transaction(transaction_id) == withheld
+    store.mark_delivered(withheld.serial)
+    delivered = replace(withheld, status=CertStatus.ISSUED)
+    assert store.certificate_by_serial(withheld.serial) == delivered
+    assert store.claim(transaction_id, KEY, LEASE).certificate == delivered
+    with pytest.raises(StoreError):
+        store.mark_delivered(withheld.serial + 1)
+
+
+def test_ping_and_describe(store: Store) -> None:
+    store.ping()
+    description = store.describe()
+    assert description
+    assert "AccountKey" not in description
+    assert ("SQLite" in description) or ("Tables" in description)
+
+
+# -- concurrency ------------------------------------------------------------------------------------------------
+
+
+def _race(workers: int, action: Callable[[int], object]) -> list:
+    start = threading.Barrier(workers)
+
+    def run(index: int) -> object:
+        start.wait()
+        return action(index)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(run, range(workers)))
+
+
+def test_threads_claiming_one_transaction_exactly_one_wins(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]  # two workers / instances, many threads each
+    transaction_id = new_transaction_id()
+    outcomes = _race(16, lambda i: stores[i % 2].claim(transaction_id, KEY, LEASE).outcome)
+    assert outcomes.count(ClaimOutcome.CLAIMED) == 1
+    assert outcomes.count(ClaimOutcome.BUSY) == 15
+
+
+def test_threads_retaking_an_expired_transaction_exactly_one_wins(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    transaction_id = new_transaction_id()
+    stores[0].claim(transaction_id, KEY, timedelta(milliseconds=100))
+    time.sleep(0.3)
+    outcomes = _race(12, lambda i: stores[i % 2].claim(transaction_id, KEY, LEASE).outcome)
+    assert outcomes.count(ClaimOutcome.CLAIMED) == 1
+    assert outcomes.count(ClaimOutcome.BUSY) == 11
+
+
+def test_concurrent_issuance_loses_no_rows(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    per_thread = 15
+
+    def issue_many(index: int) -> list[IssuedCertificate]:
+        return [issue(stores[index % 2], new_transaction_id()) for _ in range(per_thread)]
+
+    issued = [certificate for batch in _race(8, issue_many) for certificate in batch]
+    assert len(issued) == 8 * per_thread
+    reader = open_store()
+    for certificate in issued:
+        assert reader.certificate_by_serial(certificate.serial) == certificate
+        assert reader.certificate_for_transaction(certificate.transaction_id) == certificate
+        assert reader.transaction_state(certificate.transaction_id) is TxState.ISSUED
+
+
+# -- Tables specifics -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("open_store", ["tables"], indirect=True)
+def test_tables_refuses_certificates_over_the_property_limit(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    claim = store.claim(transaction_id, KEY, LEASE)
+    with pytest.raises(StoreError):
+        store.record_issued(claim, make_certificate(transaction_id, size=64 * 1024 + 1))
+    big = make_certificate(transaction_id, size=64 * 1024)
+    store.record_issued(claim, big)
+    assert store.certificate_by_serial(big.serial) == big
+
+
+def test_tables_from_endpoint_and_credential(azurite) -> None:  # noqa: F811 - the fixture
+    credential = AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY)
+    prefix = "e" + uuid.uuid4().hex[:12]
+    store = TableStore(azurite.table_endpoint, credential, table_prefix=prefix)
+    store.ping()
+    assert store.describe() == (
+        f"Azure Tables at {azurite.table_endpoint} ({prefix}Transactions, {prefix}Certificates)"
+    )
+    certificate = issue(store, new_transaction_id())
+    other = TableStore.from_connection_string(azurite.connection_string, table_prefix=prefix)
+    assert other.certificate_by_serial(certificate.serial) == certificate
+
+
+def test_tables_rejects_bad_prefix() -> None:
+    with pytest.raises(ValueError):
+        TableStore.from_connection_string("UseDevelopmentStorage=true", table_prefix="9-bad")
+
+
+def test_tables_unreachable_endpoint_is_a_store_error() -> None:
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = reserved.getsockname()[1]
+        store = TableStore.from_connection_string(
+            f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};"
+            f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+        )
+        assert str(port) in store.describe()
+        with pytest.raises(StoreError):
+            store.ping()
+
+
+# -- SQLite specifics -------------------------------------------------------------------------------------------
+
+
+def _claim_in_child(path: Path, transaction_id: str, start, results) -> None:
+    store = SqliteStore(path)
+    start.wait()
+    results.put(store.claim(transaction_id, KEY, LEASE).outcome.value)
+
+
+def _issue_in_child(store: SqliteStore, count: int, results) -> None:
+    for _ in range(count):
+        transaction_id = new_transaction_id()
+        certificate = issue(store, transaction_id)
+        results.put((transaction_id, certificate.serial))
+
+
+def test_sqlite_processes_claiming_one_transaction_exactly_one_wins(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    transaction_id = new_transaction_id()
+    SqliteStore(tmp_path / "scep.db")
+    start, results = context.Barrier(4), context.Queue()
+    children = [
+        context.Process(target=_claim_in_child, args=(tmp_path / "scep.db", transaction_id, start, results))
+        for _ in range(4)
+    ]
+    for child in children:
+        child.start()
+    outcomes = sorted(results.get(timeout=60) for _ in children)
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    assert outcomes == ["busy", "busy", "busy", "claimed"]
+
+
+def test_sqlite_forked_workers_share_one_inventory(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "scep.db")
+    issue(store, new_transaction_id())  # the parent holds an open connection when it forks
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    children = [context.Process(target=_issue_in_child, args=(store, 25, results)) for _ in range(3)]
+    for child in children:
+        child.start()
+    recorded = [results.get(timeout=60) for _ in range(3 * 25)]
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    for transaction_id, serial in recorded:
+        found = store.certificate_by_serial(serial)
+        assert found is not None and found.transaction_id == transaction_id
+        assert store.transaction_state(transaction_id) is TxState.ISSUED
+
+
+_RECORD_UNTIL_KILLED = """
+import os, sys, uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from scep.store import IssuedCertificate
+from scep.store.sqlite import SqliteStore
+
+store = SqliteStore(Path(sys.argv[1]))
+serial = 1000
+while True:
+    serial += 1
+    transaction_id = uuid.uuid4().hex
+    claim = store.claim(transaction_id, "k", timedelta(minutes=5))
+    now = datetime.now(timezone.utc)
+    der = os.urandom(1200)
+    certificate = IssuedCertificate(serial, transaction_id, "CN=x", "00", now, now, "00", der)
+    store.record_issued(claim, certificate)
+    print(transaction_id, serial, der.hex(), flush=True)
+"""
+
+
+def test_sqlite_recorded_certificate_survives_kill(tmp_path: Path) -> None:
+    path = tmp_path / "scep.db"
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _RECORD_UNTIL_KILLED, str(path)],
+        cwd=REPO_ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        reported = [child.stdout.readline().split() for _ in range(40)]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        child.stdout.close()
+    assert all(len(fields) == 3 for fields in reported), reported
+    store = SqliteStore(path)
+    for transaction_id, serial, der in reported:
+        found = store.certificate_by_serial(int(serial))
+        assert found is not None
+        assert found.der.hex() == der
+        assert found.status is CertStatus.ISSUED
+        assert store.transaction_state(transaction_id) is TxState.ISSUED
+
+
+def test_sqlite_schema_is_created_once_and_versioned(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "nested" / "scep.db"
+    first = SqliteStore(path)
+    certificate = issue(first, new_transaction_id())
+    second = SqliteStore(path)  # reopening keeps everything
+    assert second.certificate_by_serial(certificate.serial) == certificate
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+        raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError):
+        SqliteStore(path)
+
+
+def test_sqlite_unusable_path_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError):
+        SqliteStore(blocker / "scep.db")
