@@ -1,0 +1,108 @@
+"""Microsoft Entra credentials for Key Vault, Table storage and the Intune API, built in one place.
+
+In Azure the Functions app runs as a user-assigned managed identity (AZURE_CLIENT_ID selects it). On a
+developer machine DefaultAzureCredential falls back to the Azure CLI or environment credentials.
+
+AZURE_AUTHORITY_HOST may point at a sovereign cloud or at a local Entra emulator. MSAL validates any
+authority host it does not know against login.microsoftonline.com ("instance discovery"); for a host that
+is not one of Microsoft's own, that check is turned off so that nothing is sent to a real endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+from azure.core.credentials import TokenCredential
+
+TOKEN_EXCHANGE_SCOPE = "api://AzureADTokenExchange/.default"
+
+MICROSOFT_AUTHORITY_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.microsoft.com",
+        "login.windows.net",
+        "sts.windows.net",
+        "login.microsoftonline.us",
+        "login.chinacloudapi.cn",
+        "login.partner.microsoftonline.cn",
+        "login.microsoftonline.de",
+    }
+)
+
+
+def authority_host(environ: Mapping[str, str] | None = None) -> str | None:
+    """The configured AZURE_AUTHORITY_HOST (a URL or a bare host name), or None for the public cloud."""
+    value = (environ if environ is not None else os.environ).get("AZURE_AUTHORITY_HOST", "").strip()
+    return value or None
+
+
+def _host_name(authority: str) -> str:
+    parsed = urlparse(authority if "://" in authority else f"https://{authority}")
+    return (parsed.hostname or "").lower()
+
+
+def needs_instance_discovery_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """True when AZURE_AUTHORITY_HOST names a host Microsoft's instance discovery would not know."""
+    authority = authority_host(environ)
+    return authority is not None and _host_name(authority) not in MICROSOFT_AUTHORITY_HOSTS
+
+
+def _authority_kwargs(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    authority = authority_host(environ)
+    if authority is not None:
+        kwargs["authority"] = authority
+    if needs_instance_discovery_disabled(environ):
+        kwargs["disable_instance_discovery"] = True
+    return kwargs
+
+
+def build_credential(client_id: str | None = None) -> TokenCredential:
+    """The app's own identity: DefaultAzureCredential, with client_id (or AZURE_CLIENT_ID) naming a
+    user-assigned managed identity."""
+    from azure.identity import DefaultAzureCredential
+
+    chosen_client_id = client_id or os.environ.get("AZURE_CLIENT_ID") or None
+    kwargs = _authority_kwargs()
+    if chosen_client_id:
+        kwargs["managed_identity_client_id"] = chosen_client_id
+        kwargs["workload_identity_client_id"] = chosen_client_id
+    return DefaultAzureCredential(**kwargs)
+
+
+def build_app_credential(
+    tenant_id: str,
+    app_client_id: str,
+    *,
+    client_secret: str | None = None,
+    certificate_path: str | None = None,
+    managed_identity_client_id: str | None = None,
+) -> TokenCredential:
+    """Credential of an Entra application registration (for example the one Intune grants SCEP rights to).
+
+    Exactly one way to prove the app's identity is used, in this order: a client secret, a certificate
+    (PEM or PKCS#12 file with its private key), or a managed identity trusted as the app's federated
+    credential (no secret at all: the identity's token for api://AzureADTokenExchange is the assertion).
+    """
+    from azure.identity import (
+        CertificateCredential,
+        ClientAssertionCredential,
+        ClientSecretCredential,
+        ManagedIdentityCredential,
+    )
+
+    kwargs = _authority_kwargs()
+    if client_secret:
+        return ClientSecretCredential(tenant_id, app_client_id, client_secret, **kwargs)
+    if certificate_path:
+        return CertificateCredential(tenant_id, app_client_id, certificate_path=certificate_path, **kwargs)
+    identity = ManagedIdentityCredential(client_id=managed_identity_client_id or os.environ.get("AZURE_CLIENT_ID"))
+
+    def exchange_token() -> str:
+        return identity.get_token(TOKEN_EXCHANGE_SCOPE).token
+
+    kwargs.pop("disable_instance_discovery", None)  # the assertion flow does not use MSAL's discovery
+    return ClientAssertionCredential(tenant_id, app_client_id, exchange_token, **kwargs)
