@@ -1,0 +1,135 @@
+"""strongSwan 5.9.8 `pki --scepca` / `pki --scep` (Debian strongswan-pki + libstrongswan-extra-plugins).
+
+`pki --scep` uses AES-128-CBC and SHA-256 by default and checks GetCACaps before sending anything; it POSTs
+when POSTPKIOperation is advertised. Renewal (`--cert old --key oldkey`) sends a RenewalReq signed by the old
+certificate, for a new key, and needs the `Renewal` capability.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from . import CHALLENGE, ScepServer, assert_end_entity_from, load_certificate, require_binary, run_client
+
+pytestmark = pytest.mark.interop
+
+POLL_OPTIONS = ["--interval", "1", "--maxpolltime", "20"]
+
+
+@pytest.fixture(scope="module")
+def pki() -> str:
+    return require_binary("pki")
+
+
+@pytest.fixture(scope="module")
+def server(start_server) -> ScepServer:
+    return start_server()
+
+
+@pytest.fixture(scope="module")
+def scep_ca_files(pki, server, tmp_path_factory) -> tuple[Path, Path]:
+    """CA and RA certificates as fetched by `pki --scepca` (PEM)."""
+    directory = tmp_path_factory.mktemp("strongswan-scepca")
+    result = fetch_ca_certificates(pki, server, directory)
+    assert result.succeeded, result.describe(server)
+    return directory / "ca.pem", directory / "ra.pem"
+
+
+def fetch_ca_certificates(pki: str, server: ScepServer, directory: Path):
+    return run_client(
+        [pki, "--scepca", "--url", server.scep_url,
+         "--caout", directory / "ca.pem", "--raout", directory / "ra.pem", "--outform", "pem"],
+        cwd=directory,
+    )
+
+
+def generate_key(pki: str, path: Path) -> None:
+    result = run_client([pki, "--gen", "--type", "rsa", "--size", "2048", "--outform", "pem"])
+    assert result.succeeded, result.describe()
+    path.write_text(result.stdout)
+
+
+def enrol(pki: str, server: ScepServer, ca_files: tuple[Path, Path], directory: Path, *extra):
+    ca_pem, ra_pem = ca_files
+    result = run_client(
+        [pki, "--scep", "--url", server.scep_url,
+         "--cacert-enc", ra_pem, "--cacert-sig", ca_pem, "--outform", "pem", *POLL_OPTIONS, *extra],
+        cwd=directory,
+    )
+    if result.succeeded:
+        (directory / "issued.pem").write_text(result.stdout)
+    return result
+
+
+def spki(key_or_cert) -> bytes:
+    return key_or_cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_key(path: Path):
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def test_scepca_writes_the_servers_ca_and_ra(pki, server, scep_ca_files):
+    ca_pem, ra_pem = scep_ca_files
+    ca = load_certificate(ca_pem)
+    assert ca == load_certificate(server.ca_pem_path)
+    ra = load_certificate(ra_pem)
+    assert ra == load_certificate(server.ra_pem_path)
+    ra.verify_directly_issued_by(ca)
+    key_usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert key_usage.digital_signature and key_usage.key_encipherment
+
+
+def test_enrol_with_san_then_renew_with_a_new_key(pki, server, scep_ca_files, tmp_path):
+    ca = load_certificate(server.ca_pem_path)
+    generate_key(pki, tmp_path / "key.pem")
+    enrolment = enrol(
+        pki, server, scep_ca_files, tmp_path,
+        "--in", tmp_path / "key.pem",
+        "--dn", "C=CH, O=Interop, CN=strongswan-device",
+        "--san", "strongswan-device.example.test",
+        "--password", CHALLENGE,
+    )
+    assert enrolment.succeeded, enrolment.describe(server)
+    issued = load_certificate(tmp_path / "issued.pem")
+    assert_end_entity_from(issued, ca, cn="strongswan-device")
+    assert spki(issued) == spki(load_key(tmp_path / "key.pem"))
+    names = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "strongswan-device.example.test" in names.get_values_for_type(x509.DNSName)
+    (tmp_path / "old.pem").write_bytes((tmp_path / "issued.pem").read_bytes())
+
+    generate_key(pki, tmp_path / "new-key.pem")
+    renewal = enrol(
+        pki, server, scep_ca_files, tmp_path,
+        "--in", tmp_path / "new-key.pem",
+        "--dn", "C=CH, O=Interop, CN=strongswan-device",
+        "--san", "strongswan-device.example.test",
+        "--cert", tmp_path / "old.pem",
+        "--key", tmp_path / "key.pem",
+    )
+    assert renewal.succeeded, renewal.describe(server)
+    renewed = load_certificate(tmp_path / "issued.pem")
+    assert_end_entity_from(renewed, ca, cn="strongswan-device")
+    assert renewed.serial_number != issued.serial_number
+    assert spki(renewed) == spki(load_key(tmp_path / "new-key.pem"))
+
+
+def test_wrong_challenge_is_refused(pki, server, scep_ca_files, tmp_path):
+    generate_key(pki, tmp_path / "key.pem")
+    result = enrol(
+        pki, server, scep_ca_files, tmp_path,
+        "--in", tmp_path / "key.pem",
+        "--dn", "CN=strongswan-wrong-challenge",
+        "--password", "not-the-challenge",
+    )
+    assert not result.succeeded, result.describe(server)
+    assert "reply status is not 'SUCCESS'" in result.stderr, (
+        "expected a SCEP FAILURE reply, not a transport error\n" + result.describe(server)
+    )
+    assert "BEGIN CERTIFICATE" not in result.stdout
