@@ -16,6 +16,7 @@ from scep import __version__, config
 from scep.ca import CaOptions, LifecycleError
 from scep.issuer import fingerprint
 from scep.keys import CustodyError, KeySpec, Slot
+from scep.store.sqlite import SqliteStore
 
 DEFAULT_PORT = 7071
 
@@ -138,7 +139,10 @@ def _serve(args) -> int:
     settings = config.load_settings()
     home = config.build_key_home(settings)
     created = config.ensure_local_ca(settings, home)
-    config.build_store(settings).ping()
+    store = config.build_store(settings)
+    store.ping()
+    if isinstance(store, SqliteStore):
+        store.release_abandoned_leases()  # no worker runs yet: whatever is PROCESSING was cut off by a crash
     keys = home.keys()
     app, prefix = localhost.load_function_app(app_dir=_app_dir())
     server = localhost.LocalFunctionsServer(
@@ -187,7 +191,7 @@ def _print_banner(
     ]
     if generated:
         lines.append(f"Challenge:   {generated}   (generated; set SCEP_CHALLENGE to choose one)")
-    challenge = "$SCEP_CHALLENGE" if not generated else generated
+    challenge = generated or "$SCEP_CHALLENGE"
     lines += [
         "Enrol a test device:",
         f"  scep enroll --url {scep_url} --challenge '{challenge}' --cn test-device --out test-device",

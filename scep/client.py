@@ -155,7 +155,7 @@ def read_reply(der: bytes, enrollment: Enrollment, ra_certificate: x509.Certific
         return Result(reply.pki_status or PkiStatus.FAILURE, reply.fail_info, reply.fail_info_text)
     if not reply.content:
         raise ScepClientError("a SUCCESS CertRep without content")
-    envelope = msg.read_envelope(reply.content, allow_legacy=True)
+    envelope = msg.read_envelope(reply.content, enrollment.signer.certificate, allow_legacy=True)
     certificates = msg.read_certs_only(msg.open_envelope(envelope, enrollment.signer))
     if not certificates:
         raise ScepClientError("the CertRep carries no certificate")

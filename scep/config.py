@@ -119,7 +119,8 @@ class Settings:
     def store_kind(self) -> str:
         kind = self.get("SCEP_STORE").lower()
         if kind == "auto":
-            tables = any(self.get(n) for n in ("SCEP_TABLES_ENDPOINT", "SCEP_TABLES_CONNECTION_STRING"))
+            sources = ("SCEP_TABLES_ENDPOINT", "SCEP_TABLES_CONNECTION_STRING", "AzureWebJobsStorage__tableServiceUri")
+            tables = any(self.get(n) for n in sources)
             return "tables" if tables else "sqlite"
         if kind not in ("sqlite", "tables"):
             raise ConfigError("SCEP_STORE must be sqlite, tables or auto")

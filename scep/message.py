@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from asn1crypto import algos, cms, core
+from asn1crypto import parser as asn1_parser
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -287,7 +288,7 @@ def _encapsulated_content(signed_data: cms.SignedData) -> bytes | None:
     content = encap["content"]
     if isinstance(content, core.Void):
         return None
-    return content.native
+    return octets(content)
 
 
 def _verify_signer_info(
@@ -308,6 +309,14 @@ def _verify_signer_info(
         _verify(signer.public_key(), signature, signed_bytes, signer_info["signature_algorithm"], hash_class)
     except (InvalidSignature, ValueError, TypeError):
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "the message signature does not verify") from None
+
+
+def verify_signature(public_key, signature: bytes, data: bytes, algorithm: algos.SignedDigestAlgorithm) -> None:
+    """Verify an X.509-style signature (hash named by the algorithm); raises InvalidSignature or ValueError."""
+    hash_name = algorithm.hash_algo
+    if hash_name not in HASHES:
+        raise ValueError(f"signature hash {hash_name} is not accepted")
+    _verify(public_key, signature, data, algorithm, HASHES[hash_name])
 
 
 def _verify(public_key, signature: bytes, data: bytes, algorithm: algos.SignedDigestAlgorithm, hash_class) -> None:
@@ -338,17 +347,19 @@ def _as_set(attributes: cms.CMSAttributes) -> bytes:
 # --- envelopes -------------------------------------------------------------------------------------------
 
 
-def read_envelope(der: bytes, allow_legacy: bool = False) -> Envelope:
-    """Identify the cipher and key transport of an EnvelopedData, refusing legacy algorithms by default."""
+def read_envelope(der: bytes, recipient: x509.Certificate, allow_legacy: bool = False) -> Envelope:
+    """Identify the cipher and our key transport in an EnvelopedData, refusing legacy algorithms by default.
+
+    recipient is our certificate: clients may encrypt to several (micromdm adds the CA beside the RA)."""
     try:
         info = cms.ContentInfo.load(der, strict=True)
         if info["content_type"].native != "enveloped_data":
             raise MessageError(FailInfo.BAD_REQUEST, "the message content is not an EnvelopedData")
         enveloped = info["content"]
         algorithm = enveloped["encrypted_content_info"]["content_encryption_algorithm"]
-        recipient = _key_trans_recipient(enveloped)
+        recipient_info = _key_trans_recipient(enveloped, recipient)
         cipher = _content_cipher(algorithm)
-        transport = _key_transport(recipient["key_encryption_algorithm"])
+        transport = _key_transport(recipient_info["key_encryption_algorithm"])
     except MessageError:
         raise
     except Exception as error:
@@ -361,10 +372,10 @@ def read_envelope(der: bytes, allow_legacy: bool = False) -> Envelope:
 def open_envelope(envelope: Envelope, recipient: KeyHandle) -> bytes:
     """Decrypt an EnvelopedData with the recipient's key (custody does the RSA part)."""
     enveloped = cms.ContentInfo.load(envelope.der)["content"]
-    recipient_info = _key_trans_recipient(enveloped)
+    recipient_info = _key_trans_recipient(enveloped, recipient.certificate)
     encrypted_content = enveloped["encrypted_content_info"]
     algorithm = encrypted_content["content_encryption_algorithm"]
-    ciphertext = encrypted_content["encrypted_content"].native
+    ciphertext = _encrypted_content(encrypted_content)
     if not ciphertext:
         raise MessageError(FailInfo.BAD_REQUEST, "the EnvelopedData has no content")
     content_key = recipient.decrypt(recipient_info["encrypted_key"].native, envelope.transport)
@@ -412,11 +423,58 @@ def seal_envelope(
     return cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump()
 
 
-def _key_trans_recipient(enveloped: cms.EnvelopedData) -> cms.KeyTransRecipientInfo:
-    for recipient in enveloped["recipient_infos"]:
-        if recipient.name == "ktri":
-            return recipient.chosen
-    raise MessageError(FailInfo.BAD_ALG, "no key-transport recipient (only RSA key transport is supported)")
+def _key_trans_recipient(enveloped: cms.EnvelopedData, ours: x509.Certificate) -> cms.KeyTransRecipientInfo:
+    """Our key-transport RecipientInfo, by issuer and serial or key identifier; else the only one there is."""
+    candidates = [r.chosen for r in enveloped["recipient_infos"] if r.name == "ktri"]
+    if not candidates:
+        raise MessageError(FailInfo.BAD_ALG, "no key-transport recipient (only RSA key transport is supported)")
+    for candidate in candidates:
+        if _identifies(candidate["rid"], ours):
+            return candidate
+    return candidates[0]
+
+
+def _identifies(identifier: cms.RecipientIdentifier, certificate: x509.Certificate) -> bool:
+    if identifier.name == "issuer_and_serial_number":
+        chosen = identifier.chosen
+        return chosen["serial_number"].native == certificate.serial_number and chosen["issuer"].dump() == (
+            certificate.issuer.public_bytes()
+        )
+    return identifier.chosen.native == _subject_key_id(certificate)
+
+
+def _encrypted_content(info: cms.EncryptedContentInfo) -> bytes:
+    """encryptedContent ([0] IMPLICIT OCTET STRING), read raw: asn1crypto refuses the constructed form."""
+    data, offset = info.contents or b"", 0
+    while offset < len(data):
+        class_, method, tag, header, contents, trailer = asn1_parser.parse(data[offset:])
+        if (class_, tag) == (2, 0):
+            return contents if method == 0 else _join_chunks(contents, depth=0)
+        offset += len(header) + len(contents) + len(trailer)
+    return b""
+
+
+def octets(value: core.Asn1Value) -> bytes:
+    """The bytes of an OCTET STRING, primitive or constructed (BER chunks, as Go's pkcs7 sends them)."""
+    if value.method == 0:
+        return value.contents or b""
+    return _join_chunks(value.contents or b"", depth=0)
+
+
+def _join_chunks(data: bytes, depth: int) -> bytes:
+    if depth > 8:
+        raise ValueError("OCTET STRING chunks nested too deeply")
+    chunks, offset = [], 0
+    while offset < len(data):
+        parsed = asn1_parser.parse(data[offset:])
+        class_, method, tag, header, contents, trailer = parsed
+        if (class_, tag) != (0, 4):
+            if (class_, method, tag, contents) == (0, 0, 0, b""):  # end-of-contents
+                break
+            raise ValueError("a constructed OCTET STRING holds something else")
+        chunks.append(contents if method == 0 else _join_chunks(contents, depth + 1))
+        offset += len(header) + len(contents) + len(trailer)
+    return b"".join(chunks)
 
 
 def _content_cipher(algorithm: algos.EncryptionAlgorithm) -> ContentCipher:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from asn1crypto import cms
+from asn1crypto import csr as asn1_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -125,7 +126,7 @@ class ScepService:
         return self._fail(keys, request, FailInfo.BAD_REQUEST, f"unsupported messageType {kind}")
 
     def _enroll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
-        envelope = self._envelope(request)
+        envelope = self._envelope(keys, request)
         csr_der = msg.open_envelope(envelope, keys.ra)
         csr = _load_csr(csr_der)
         renewal = self._renewal_signer(keys, request)
@@ -142,7 +143,7 @@ class ScepService:
             challenge=_challenge_password(csr),
             renewal=renewal is not None,
         )
-        claim = self.store.claim(request.transaction_id, _key_id(csr.public_key()), LEASE)
+        claim = self.store.claim(_store_transaction_id(request, renewal), _key_id(csr.public_key()), LEASE)
         if claim.outcome is ClaimOutcome.ISSUED:
             return self._deliver_again(keys, request, envelope, claim)
         if claim.outcome is ClaimOutcome.BUSY:
@@ -212,7 +213,7 @@ class ScepService:
                 raise PolicyError(FailInfo.BAD_REQUEST, "refusing to issue a CA certificate")
             record = _record(
                 certificate,
-                enrollment.transaction_id,
+                claim.transaction_id,
                 keys.ca.certificate,
                 CertStatus.UNDELIVERED if notify else CertStatus.ISSUED,
             )
@@ -246,7 +247,7 @@ class ScepService:
         return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
 
     def _poll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
-        envelope = self._envelope(request)  # its IssuerAndSubject adds nothing: the transactionID identifies it
+        envelope = self._envelope(keys, request)  # its IssuerAndSubject adds nothing: the transactionID identifies it
         state = self.store.transaction_state(request.transaction_id)
         if state is TxState.PROCESSING:
             return self._pending(keys, request)
@@ -256,7 +257,7 @@ class ScepService:
         return self._fail(keys, request, FailInfo.BAD_CERT_ID, "no certificate was issued for this transaction")
 
     def _get_cert(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
-        envelope = self._envelope(request)
+        envelope = self._envelope(keys, request)
         issuer, serial = _issuer_and_serial(msg.open_envelope(envelope, keys.ra))
         ours = {c.subject.public_bytes() for c in keys.trusted_issuers()}
         record = self.store.certificate_by_serial(serial) if issuer in ours else None
@@ -264,10 +265,10 @@ class ScepService:
             return self._fail(keys, request, FailInfo.BAD_CERT_ID, "no such certificate")
         return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
 
-    def _envelope(self, request: msg.PkiMessage) -> msg.Envelope:
+    def _envelope(self, keys: CaKeys, request: msg.PkiMessage) -> msg.Envelope:
         if not request.content:
             raise msg.MessageError(FailInfo.BAD_REQUEST, "the message has no pkcsPKIEnvelope")
-        return msg.read_envelope(request.content, self.options.allow_legacy)
+        return msg.read_envelope(request.content, keys.ra.certificate, self.options.allow_legacy)
 
     def _renewal_signer(self, keys: CaKeys, request: msg.PkiMessage) -> x509.Certificate | None:
         """The signer certificate when this CA issued it, it is unexpired and not withheld; else None."""
@@ -297,12 +298,12 @@ class ScepService:
         inner = msg.certs_only([certificate])
         sealed = msg.seal_envelope(inner, request.signer_certificate, envelope.cipher, envelope.transport)
         attributes = msg.cert_rep_attributes(PkiStatus.SUCCESS, request.transaction_id, request.sender_nonce)
-        der = msg.sign_message(keys.ra, request.digest_name, attributes, sealed)
+        der = msg.sign_message(keys.ra, _reply_digest(request.digest_name), attributes, sealed)
         return Reply(der, PkiStatus.SUCCESS, certificate=certificate)
 
     def _pending(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
         attributes = msg.cert_rep_attributes(PkiStatus.PENDING, request.transaction_id, request.sender_nonce)
-        return Reply(msg.sign_message(keys.ra, request.digest_name, attributes, None), PkiStatus.PENDING)
+        return Reply(msg.sign_message(keys.ra, _reply_digest(request.digest_name), attributes, b""), PkiStatus.PENDING)
 
     def _fail(self, keys: CaKeys, request: msg.PkiMessage, fail_info: FailInfo, reason: str) -> Reply:
         return self._failure(keys, request.transaction_id, request.sender_nonce, request.digest_name, fail_info, reason)
@@ -310,21 +311,62 @@ class ScepService:
     def _failure(
         self, keys: CaKeys, transaction_id: str, nonce: bytes, digest_name: str, fail_info: FailInfo, reason: str
     ) -> Reply:
-        if digest_name not in msg.HASHES:
-            digest_name = "sha256"
         attributes = msg.cert_rep_attributes(PkiStatus.FAILURE, transaction_id, nonce, fail_info, reason)
-        return Reply(msg.sign_message(keys.ra, digest_name, attributes, None), PkiStatus.FAILURE, fail_info)
+        # an empty eContent rather than none: OpenSSL's PKCS7_verify (certmonger) refuses a detached CertRep
+        der = msg.sign_message(keys.ra, _reply_digest(digest_name), attributes, b"")
+        return Reply(der, PkiStatus.FAILURE, fail_info)
+
+
+def _reply_digest(request_digest: str) -> str:
+    """The request's digest for the CertRep, but never below SHA-256 (Key Vault signs no SHA-1 with RSA)."""
+    return request_digest if request_digest in ("sha256", "sha384", "sha512") else "sha256"
 
 
 def _load_csr(der: bytes) -> x509.CertificateSigningRequest:
     try:
         csr = x509.load_der_x509_csr(der)
         valid = csr.is_signature_valid
-    except Exception:  # cryptography raises ValueError and friends on malformed or unsupported CSRs
+    except ValueError:
+        return _load_noncanonical_csr(der)
+    except Exception:  # cryptography raises more than ValueError on hostile input
         raise msg.MessageError(FailInfo.BAD_REQUEST, "the certificate request is not a valid PKCS#10") from None
     if not valid:
         raise msg.MessageError(FailInfo.BAD_MESSAGE_CHECK, "the certificate request signature does not verify")
     return csr
+
+
+def _load_noncanonical_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """A CSR whose attributes are not in DER order (strongSwan): verify the signature over the bytes as sent,
+    then re-encode the attributes canonically so the strict parser accepts it."""
+    try:
+        request = asn1_csr.CertificationRequest.load(der, strict=True)
+        info = request["certification_request_info"]
+        public_key = serialization.load_der_public_key(info["subject_pk_info"].dump())
+        original = info.dump()
+        msg.verify_signature(public_key, request["signature"].native, original, request["signature_algorithm"])
+    except InvalidSignature:
+        raise msg.MessageError(
+            FailInfo.BAD_MESSAGE_CHECK, "the certificate request signature does not verify"
+        ) from None
+    except Exception:
+        raise msg.MessageError(FailInfo.BAD_REQUEST, "the certificate request is not a valid PKCS#10") from None
+    attributes = sorted(info["attributes"], key=lambda attribute: attribute.dump())
+    canonical = asn1_csr.CertificationRequest(
+        {
+            "certification_request_info": {
+                "version": info["version"],
+                "subject": info["subject"],
+                "subject_pk_info": info["subject_pk_info"],
+                "attributes": asn1_csr.CRIAttributes(attributes),
+            },
+            "signature_algorithm": request["signature_algorithm"],
+            "signature": request["signature"],
+        }
+    )
+    try:
+        return x509.load_der_x509_csr(canonical.dump(force=True))
+    except ValueError:
+        raise msg.MessageError(FailInfo.BAD_REQUEST, "the certificate request is not a valid PKCS#10") from None
 
 
 def _challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
@@ -349,6 +391,14 @@ def _san(extensions: x509.Extensions) -> frozenset:
         return frozenset(extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
         return frozenset()
+
+
+def _store_transaction_id(request: msg.PkiMessage, renewal: x509.Certificate | None) -> str:
+    """Clients that derive the transactionID from a key they keep (micromdm) renew under the same ID: a renewal
+    is its own transaction, identified by the certificate it renews."""
+    if renewal is None:
+        return request.transaction_id
+    return f"{request.transaction_id}:renewal:{renewal.serial_number:x}"
 
 
 def _key_id(public_key) -> str:

@@ -1,0 +1,65 @@
+# Creates the SCEP CA and RA certificates in the deployed Key Vault, once (Windows counterpart of
+# postprovision.sh; same environment variables). Idempotent: when `scep ca show` finds the CA, nothing is created
+# (only a missing RA is issued). `scep ca init` issues the RA together with the CA.
+$ErrorActionPreference = 'Stop'
+
+if (-not $env:KEY_VAULT_URL) { throw 'KEY_VAULT_URL is not set: it is an output of infra/main.bicep' }
+if (-not $env:SCEP_CA_CERT_NAME) { $env:SCEP_CA_CERT_NAME = 'scep-ca' }
+if (-not $env:SCEP_RA_CERT_NAME) { $env:SCEP_RA_CERT_NAME = 'scep-ra' }
+
+$repoRoot = (Resolve-Path (Join-Path $PSScriptRoot '..\..')).Path
+
+function Find-Scep {
+    if ($env:SCEP_CLI) { return $env:SCEP_CLI }
+    $onPath = Get-Command scep -ErrorAction SilentlyContinue
+    if ($onPath) { return $onPath.Source }
+    $venvScep = Join-Path $repoRoot '.venv\Scripts\scep.exe'
+    if (Test-Path $venvScep) { return $venvScep }
+    Write-Host "Installing the scep command into $repoRoot\.venv"
+    python -m venv (Join-Path $repoRoot '.venv')
+    & (Join-Path $repoRoot '.venv\Scripts\pip.exe') install --quiet $repoRoot
+    if ($LASTEXITCODE -ne 0) { throw 'pip install failed' }
+    return $venvScep
+}
+
+function Wait-VaultAccess {
+    if (-not (Get-Command az -ErrorAction SilentlyContinue)) { return }
+    $vaultName = ([Uri]$env:KEY_VAULT_URL).Host.Split('.')[0]
+    foreach ($attempt in 1..20) {
+        az keyvault certificate list --vault-name $vaultName --output none 2>$null
+        if ($LASTEXITCODE -eq 0) { return }
+        Write-Host "Waiting for Key Vault access to propagate ($attempt/20)..."
+        Start-Sleep -Seconds 30
+    }
+    throw "Still no access to ${vaultName}: is the deployer's Key Vault Certificates Officer role assigned?"
+}
+
+$scep = Find-Scep
+Wait-VaultAccess
+
+$inventory = & $scep ca show
+if ($LASTEXITCODE -eq 0) {
+    $inventory | Write-Host
+    if ($inventory | Where-Object { $_ -like '`[ra`]*' }) {
+        Write-Host "CA '$($env:SCEP_CA_CERT_NAME)' already exists in $($env:KEY_VAULT_URL): nothing to create."
+        exit 0
+    }
+    Write-Host "The CA exists without an RA: issuing RA certificate '$($env:SCEP_RA_CERT_NAME)'"
+    & $scep ca ra issue
+    if ($LASTEXITCODE -ne 0) { throw 'scep ca ra issue failed' }
+    & $scep ca show
+    exit 0
+}
+
+$arguments = @()
+if ($env:SCEP_CA_SUBJECT) { $arguments += @('--subject', $env:SCEP_CA_SUBJECT) }
+if ($env:SCEP_CA_DAYS) { $arguments += @('--days', $env:SCEP_CA_DAYS) }
+if ($env:SCEP_CA_KEY_TYPE) { $arguments += @('--key-type', $env:SCEP_CA_KEY_TYPE) }
+if ($env:SCEP_CA_KEY_SIZE) { $arguments += @('--key-size', $env:SCEP_CA_KEY_SIZE) }
+if ($env:SCEP_CA_CURVE) { $arguments += @('--curve', $env:SCEP_CA_CURVE) }
+if (-not $env:KEY_VAULT_SKU -or $env:KEY_VAULT_SKU -eq 'premium') { $arguments += '--hsm' }
+
+Write-Host "Creating CA '$($env:SCEP_CA_CERT_NAME)' and RA '$($env:SCEP_RA_CERT_NAME)' in $($env:KEY_VAULT_URL)"
+& $scep ca init @arguments
+if ($LASTEXITCODE -ne 0) { throw 'scep ca init failed' }
+& $scep ca show

@@ -1,0 +1,114 @@
+"""`scep doctor`: check the settings and every backend, and say exactly what to fix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from scep import config
+from scep.issuer import fingerprint, is_ca_certificate
+from scep.keys import CaKeys, CustodyError, KeyTransport
+from scep.store import StoreError
+
+EXPIRY_WARNING = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Finding:
+    ok: bool
+    text: str
+
+
+def run_doctor(environ: Mapping[str, str]) -> Iterator[Finding]:
+    try:
+        settings = config.load_settings(environ)
+    except config.ConfigError as error:
+        yield Finding(False, f"settings: {error}")
+        return
+    yield Finding(True, f"settings: challenge mode {','.join(sorted(settings.modes))}, store {settings.store_kind}")
+    yield from _check_custody(settings)
+    yield from _check_store(settings)
+    if "intune" in settings.modes:
+        yield from _check_intune(settings)
+
+
+def _check_custody(settings: config.Settings) -> Iterator[Finding]:
+    home = config.build_key_home(settings)
+    try:
+        keys = home.keys()
+    except CustodyError as error:
+        hint = "run `scep ca init`" if "init" not in str(error) else ""
+        yield Finding(False, f"keys ({home.describe()}): {error} {hint}".rstrip())
+        return
+    yield Finding(True, f"keys: {home.describe()}")
+    yield from _check_certificates(keys)
+    yield from _check_key_operations(keys)
+
+
+def _check_certificates(keys: CaKeys) -> Iterator[Finding]:
+    now = datetime.now(timezone.utc)
+    for role, certificate in (("CA", keys.ca.certificate), ("RA", keys.ra.certificate)):
+        remaining = certificate.not_valid_after_utc - now
+        if remaining <= timedelta(0):
+            yield Finding(False, f"{role} certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
+        elif remaining < EXPIRY_WARNING:
+            action = "`scep ca ra renew`" if role == "RA" else "`scep ca rollover`, then `scep ca promote`"
+            yield Finding(False, f"{role} certificate expires in {remaining.days} days: run {action}")
+        else:
+            yield Finding(True, f"{role} {certificate.subject.rfc4514_string()} valid until "
+                                f"{certificate.not_valid_after_utc:%Y-%m-%d} (SHA-256 {fingerprint(certificate)[:16]}…)")
+    ca, ra = keys.ca.certificate, keys.ra.certificate
+    if not is_ca_certificate(ca):
+        yield Finding(False, "the CA certificate lacks basicConstraints CA:true: re-run `scep ca init --force`")
+    try:
+        ra.verify_directly_issued_by(ca)
+        yield Finding(True, "RA is issued by the current CA")
+    except (ValueError, TypeError, Exception):
+        yield Finding(False, "the RA was not issued by the current CA: run `scep ca ra issue`")
+    usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
+    if not (usage.digital_signature and usage.key_encipherment):
+        yield Finding(False, "the RA lacks digitalSignature + keyEncipherment: run `scep ca ra issue`")
+
+
+def _check_key_operations(keys: CaKeys) -> Iterator[Finding]:
+    """One sign with the CA key and one decrypt with the RA key prove reachability and permissions."""
+    digest = hashlib.sha256(b"scep doctor").digest()
+    try:
+        keys.ca.sign_digest(digest, "sha256")
+        yield Finding(True, "CA key signs")
+    except CustodyError as error:
+        yield Finding(False, f"CA key cannot sign ({error}): grant the identity sign on keys (Key Vault Crypto User)")
+    public_key = keys.ra.certificate.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        yield Finding(False, "the RA key is not RSA: SCEP key transport needs RSA; run `scep ca ra issue`")
+        return
+    secret = os.urandom(16)
+    try:
+        recovered = keys.ra.decrypt(public_key.encrypt(secret, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
+        ok = recovered == secret
+        yield Finding(ok, "RA key decrypts" if ok else "RA key decrypts wrongly: the RA certificate and key differ")
+    except CustodyError as error:
+        yield Finding(False, f"RA key cannot decrypt ({error}): grant decrypt on keys (Key Vault Crypto User)")
+
+
+def _check_store(settings: config.Settings) -> Iterator[Finding]:
+    try:
+        store = config.build_store(settings)
+        store.ping()
+        yield Finding(True, f"store: {store.describe()}")
+    except StoreError as error:
+        yield Finding(False, f"store unreachable: {error}")
+
+
+def _check_intune(settings: config.Settings) -> Iterator[Finding]:
+    from scep.intune.check import run_check
+
+    report = run_check(config.build_intune_client(settings))
+    for line in report.lines:
+        yield Finding(report.ok, f"intune: {line}")
