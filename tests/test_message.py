@@ -30,7 +30,7 @@ def test_envelope_round_trip(device, cipher, transport):
     key, csr = device
     enrollment = new_enrollment(key, csr)
     sealed = msg.seal_envelope(b"secret payload", enrollment.signer.certificate, cipher, transport)
-    envelope = msg.read_envelope(sealed, allow_legacy=True)
+    envelope = msg.read_envelope(sealed, enrollment.signer.certificate, allow_legacy=True)
     assert (envelope.cipher, envelope.transport) == (cipher, transport)
     assert msg.open_envelope(envelope, enrollment.signer) == b"secret payload"
 
@@ -109,15 +109,16 @@ def test_envelope_for_another_recipient_fails_cleanly(service, device, keys):
     stranger = LocalKey(keys.new(), new_enrollment(key, csr).signer.certificate)
     sealed = msg.seal_envelope(b"x", ra, ContentCipher.AES128)
     with pytest.raises(msg.MessageError) as caught:
-        msg.open_envelope(msg.read_envelope(sealed), stranger)
+        msg.open_envelope(msg.read_envelope(sealed, ra), stranger)
     assert caught.value.fail_info is FailInfo.BAD_MESSAGE_CHECK
 
 
 def test_single_des_refused_by_default(device):
     key, csr = device
-    sealed = msg.seal_envelope(b"x", new_enrollment(key, csr).signer.certificate, ContentCipher.DES)
+    recipient = new_enrollment(key, csr).signer.certificate
+    sealed = msg.seal_envelope(b"x", recipient, ContentCipher.DES)
     with pytest.raises(msg.MessageError) as caught:
-        msg.read_envelope(sealed)
+        msg.read_envelope(sealed, recipient)
     assert caught.value.fail_info is FailInfo.BAD_ALG
 
 
