@@ -55,6 +55,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KEY_VAULT_URL", "", "Azure Key Vault URL: CA and RA keys live there when set.", azure=True),
     Setting("SCEP_CA_CERT_NAME", "scep-ca", "Key Vault certificate holding the CA.", azure=True),
     Setting("SCEP_RA_CERT_NAME", "scep-ra", "Key Vault certificate holding the RA.", azure=True),
+    Setting("KEY_VAULT_REFRESH_SECONDS", "300", "How often a warm worker looks for new CA/RA versions."),
+    Setting(
+        "KEY_VAULT_VERIFY_CHALLENGE_RESOURCE", "true", "Only for emulators: false accepts a challenge for another host."
+    ),
     Setting("AZURE_CLIENT_ID", "", "Client ID of the user-assigned managed identity.", azure=True),
     Setting("INTUNE_TENANT_ID", "", "Entra tenant of the Intune service.", azure=True),
     Setting("INTUNE_CLIENT_ID", "", "App registration used for Intune (empty with managed-identity).", azure=True),
@@ -65,8 +69,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("INTUNE_AUTHORITY_HOST", "https://login.microsoftonline.com", "Entra authority (sovereign clouds)."),
     Setting("INTUNE_GRAPH_URL", "https://graph.microsoft.com", "Microsoft Graph endpoint (service discovery)."),
     Setting("INTUNE_RESOURCE_URL", "https://api.manage.microsoft.com/", "Intune API resource."),
+    Setting("INTUNE_CLIENT_CERTIFICATE_PASSWORD", "", "Password of that PEM, if any.", secret=True),
+    Setting("INTUNE_TOKEN_EXCHANGE_AUDIENCE", "api://AzureADTokenExchange", "Audience of federated assertions."),
+    Setting("INTUNE_TIMEOUT", "15", "Seconds to wait for an Intune answer."),
+    Setting("INTUNE_CONNECT_TIMEOUT", "5", "Seconds to wait for a connection to Intune."),
+    Setting("INTUNE_VALIDATE_RETRIES", "2", "Extra tries of validateRequest after connection errors and 5xx."),
+    Setting("INTUNE_ALLOW_RENEWAL_WITHOUT_CHALLENGE", "false", "Intune mode: accept RenewalReq without challenge."),
+    Setting("INTUNE_CA_CONFIGURATION", "", "caConfiguration reported to Intune (default: the product name)."),
+    Setting("INTUNE_CERTIFICATE_AUTHORITY", "", "certificateAuthority reported to Intune (default: the CA subject)."),
     Setting("SCEP_WEBHOOK_SECRET", "", "Shared secret of the step-ca validation webhooks.", secret=True),
     Setting("SCEP_WEBHOOK_SECRET_NAME", "", "Key Vault secret holding the webhook secret.", azure=True),
+    Setting("SCEP_WEBHOOK_IDS", "", "Optional: the X-Smallstep-Webhook-ID values served."),
 )
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
@@ -133,16 +146,31 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650)
     settings.integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024)
     settings.flag("SCEP_ALLOW_DES")
+    settings.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE")
+    settings.integer("KEY_VAULT_REFRESH_SECONDS", 1, 86400)
+    if settings.uses_key_vault and not settings.get("KEY_VAULT_URL").startswith("https://"):
+        raise ConfigError("KEY_VAULT_URL must be an https:// URL, such as https://my-vault.vault.azure.net")
     allowed_ekus(settings)
     modes = settings.modes
     if "static" in modes and not settings.get("SCEP_CHALLENGE"):
         raise ConfigError("SCEP_CHALLENGE is required when SCEP_CHALLENGE_MODE includes static")
-    if "intune" in modes and not settings.get("INTUNE_TENANT_ID"):
-        raise ConfigError("INTUNE_TENANT_ID is required when SCEP_CHALLENGE_MODE includes intune")
+    if "intune" in modes:
+        _check_intune_settings(settings)
     if settings.store_kind == "tables" and not _tables_source(settings):
         raise ConfigError("SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
                           "or SCEP_TABLES_CONNECTION_STRING")
     return settings
+
+
+def _check_intune_settings(settings: Settings) -> None:
+    from scep.intune.client import IntuneConfigError, IntuneSettings
+
+    if not settings.get("INTUNE_TENANT_ID"):
+        raise ConfigError("INTUNE_TENANT_ID is required when SCEP_CHALLENGE_MODE includes intune")
+    try:
+        IntuneSettings.from_env(settings.values)
+    except IntuneConfigError as error:
+        raise ConfigError(str(error)) from None
 
 
 def allowed_ekus(settings: Settings) -> frozenset:
@@ -175,6 +203,8 @@ def build_key_home(settings: Settings) -> KeyHome:
             ca_name=settings.get("SCEP_CA_CERT_NAME"),
             ra_name=settings.get("SCEP_RA_CERT_NAME"),
             credential=build_credential(settings.get("AZURE_CLIENT_ID") or None),
+            verify_challenge_resource=settings.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE"),
+            refresh_interval=float(settings.integer("KEY_VAULT_REFRESH_SECONDS", 1, 86400)),
         )
     from scep.keys.local import LocalHome
 
@@ -228,12 +258,36 @@ def build_validator(settings: Settings) -> ChallengeValidator:
         return static
     from scep.challenge.intune import build_intune_validator
 
-    intune = build_intune_validator(settings)
+    try:
+        intune = build_intune_validator(settings)
+    except ValueError as error:  # IntuneConfigError names the setting
+        raise ConfigError(str(error)) from None
     if static is None:
         return intune
     from scep.challenge.composite import CompositeValidator
 
     return CompositeValidator([static, intune])
+
+
+def build_intune_client(settings: Settings):
+    from scep.intune import build_intune_client as build
+
+    try:
+        return build(settings)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def build_webhooks(settings: Settings, validator: ChallengeValidator):
+    """The step-ca webhook handler, or None when no webhook secret is configured."""
+    if not (settings.get("SCEP_WEBHOOK_SECRET") or settings.get("SCEP_WEBHOOK_SECRET_NAME")):
+        return None
+    from scep.challenge.webhook import build_webhook_handler
+
+    try:
+        return build_webhook_handler(settings, validator)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def build_service(settings: Settings) -> ScepService:
@@ -251,7 +305,8 @@ def build_service(settings: Settings) -> ScepService:
 
 _service: ScepService | None = None
 _settings: Settings | None = None
-_lock = threading.Lock()
+_webhooks = None
+_lock = threading.RLock()
 
 
 def settings() -> Settings:
@@ -272,12 +327,23 @@ def service() -> ScepService:
     return _service
 
 
+def webhooks():
+    """The process's step-ca webhook handler (None when not configured), built once."""
+    global _webhooks
+    if _webhooks is None:
+        with _lock:
+            if _webhooks is None:
+                _webhooks = build_webhooks(settings(), service().validator) or False
+    return _webhooks or None
+
+
 def reset() -> None:
-    """Forget the cached settings and service (after the environment changed)."""
-    global _service, _settings
+    """Forget the cached settings, service and webhooks (after the environment changed)."""
+    global _service, _settings, _webhooks
     with _lock:
         _service = None
         _settings = None
+        _webhooks = None
 
 
 def max_message_bytes() -> int:

@@ -61,8 +61,9 @@ def _check_certificates(keys: CaKeys) -> Iterator[Finding]:
             action = "`scep ca ra renew`" if role == "RA" else "`scep ca rollover`, then `scep ca promote`"
             yield Finding(False, f"{role} certificate expires in {remaining.days} days: run {action}")
         else:
-            yield Finding(True, f"{role} {certificate.subject.rfc4514_string()} valid until "
-                                f"{certificate.not_valid_after_utc:%Y-%m-%d} (SHA-256 {fingerprint(certificate)[:16]}…)")
+            until = f"{certificate.not_valid_after_utc:%Y-%m-%d}"
+            yield Finding(True, f"{role} {certificate.subject.rfc4514_string()} valid until {until} "
+                                f"(SHA-256 {fingerprint(certificate)[:16]}…)")
     ca, ra = keys.ca.certificate, keys.ra.certificate
     if not is_ca_certificate(ca):
         yield Finding(False, "the CA certificate lacks basicConstraints CA:true: re-run `scep ca init --force`")

@@ -6,14 +6,13 @@ habit, such as /cgi-bin/pkiclient.exe, are served too.
 
 from __future__ import annotations
 
-import logging
+import json
 
 import azure.functions as func
 
 from scep import config, web
 
 bp = func.Blueprint()
-log = logging.getLogger("scep.functions")
 
 SCEP_ROUTES = {
     "scep": "api/scep",
@@ -71,3 +70,27 @@ def ca_der(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="api/ca.crt", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def ca_crt(req: func.HttpRequest) -> func.HttpResponse:
     return _response(web.ca_download(config.service(), "der"))
+
+
+def _webhook(req: func.HttpRequest, kind: str) -> func.HttpResponse:
+    handler = config.webhooks()
+    if handler is None:
+        return _response(web.text(404, "validation webhooks are not configured (SCEP_WEBHOOK_SECRET)"))
+    body = req.get_body() or b""
+    if len(body) > config.max_message_bytes():
+        return _response(web.text(413, "request too large"))
+    handle = handler.handle_challenge if kind == "challenge" else handler.handle_notify
+    status, payload = handle(body, dict(req.headers))
+    return _response(web.HttpReply(status, json.dumps(payload).encode("utf-8"), "application/json"))
+
+
+@bp.function_name("webhook_scepchallenge")
+@bp.route(route="api/webhook/scepchallenge", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def webhook_scepchallenge(req: func.HttpRequest) -> func.HttpResponse:
+    return _webhook(req, "challenge")
+
+
+@bp.function_name("webhook_notify")
+@bp.route(route="api/webhook/notify", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+def webhook_notify(req: func.HttpRequest) -> func.HttpResponse:
+    return _webhook(req, "notify")

@@ -14,6 +14,7 @@ from scep.challenge.static import StaticValidator
 from scep.keys.local import LocalHome
 from scep.service import ScepService, ServiceOptions
 from scep.store.sqlite import SqliteStore
+from tests.azurite import azurite  # noqa: F401 - session fixture: Azurite, started on first use
 
 CHALLENGE = "correct horse battery staple"
 

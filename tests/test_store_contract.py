@@ -32,11 +32,7 @@ from scep.store import (
 )
 from scep.store.sqlite import SCHEMA_VERSION, SqliteStore
 from scep.store.tables import TableStore
-from tests.azurite import (
-    ACCOUNT_KEY,
-    ACCOUNT_NAME,
-    azurite,  # noqa: F401 - the session fixture, started only for the Tables backend
-)
+from tests.azurite import ACCOUNT_KEY, ACCOUNT_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LEASE = timedelta(minutes=5)
@@ -355,7 +351,7 @@ def test_tables_refuses_certificates_over_the_property_limit(store: Store) -> No
     assert store.certificate_by_serial(big.serial) == big
 
 
-def test_tables_from_endpoint_and_credential(azurite) -> None:  # noqa: F811 - the fixture
+def test_tables_from_endpoint_and_credential(azurite) -> None:
     credential = AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY)
     prefix = "e" + uuid.uuid4().hex[:12]
     store = TableStore(azurite.table_endpoint, credential, table_prefix=prefix)

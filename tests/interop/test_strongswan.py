@@ -13,12 +13,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import CHALLENGE, ScepServer, assert_end_entity_from, load_certificate, require_binary, run_client
+from . import CHALLENGE, ScepServer, assert_end_entity_from, load_certificate, require_binary
+from .strongswan import enrol, fetch_ca_certificates, generate_key
 
 pytestmark = pytest.mark.interop
-
-POLL_OPTIONS = ["--interval", "1", "--maxpolltime", "20"]
-
 
 @pytest.fixture(scope="module")
 def pki() -> str:
@@ -37,32 +35,6 @@ def scep_ca_files(pki, server, tmp_path_factory) -> tuple[Path, Path]:
     result = fetch_ca_certificates(pki, server, directory)
     assert result.succeeded, result.describe(server)
     return directory / "ca.pem", directory / "ra.pem"
-
-
-def fetch_ca_certificates(pki: str, server: ScepServer, directory: Path):
-    return run_client(
-        [pki, "--scepca", "--url", server.scep_url,
-         "--caout", directory / "ca.pem", "--raout", directory / "ra.pem", "--outform", "pem"],
-        cwd=directory,
-    )
-
-
-def generate_key(pki: str, path: Path) -> None:
-    result = run_client([pki, "--gen", "--type", "rsa", "--size", "2048", "--outform", "pem"])
-    assert result.succeeded, result.describe()
-    path.write_text(result.stdout)
-
-
-def enrol(pki: str, server: ScepServer, ca_files: tuple[Path, Path], directory: Path, *extra):
-    ca_pem, ra_pem = ca_files
-    result = run_client(
-        [pki, "--scep", "--url", server.scep_url,
-         "--cacert-enc", ra_pem, "--cacert-sig", ca_pem, "--outform", "pem", *POLL_OPTIONS, *extra],
-        cwd=directory,
-    )
-    if result.succeeded:
-        (directory / "issued.pem").write_text(result.stdout)
-    return result
 
 
 def spki(key_or_cert) -> bytes:

@@ -1,0 +1,272 @@
+"""Intune service client: token, service discovery, validate and notify; and the credential it signs in with.
+
+`build_intune_credential(settings, secret_source)` makes the azure-identity credential that INTUNE_AUTH asks
+for; `IntuneClient(settings, credential)` makes the calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from azure.core.credentials import AccessToken, TokenCredential
+from azure.core.exceptions import ClientAuthenticationError
+
+from scep.intune.client import (
+    ERROR_CODES,
+    KNOWN_CODES,
+    SUCCESS_CODE,
+    AuthMode,
+    IntuneAuthenticationError,
+    IntuneClient,
+    IntuneConfigError,
+    IntuneConnectionError,
+    IntuneError,
+    IntuneHttpError,
+    IntuneResponseError,
+    IntuneResult,
+    IntuneServiceNotFound,
+    IntuneSettings,
+    RetryPolicy,
+)
+
+logger = logging.getLogger("scep.intune")
+
+__all__ = [
+    "ERROR_CODES",
+    "KNOWN_CODES",
+    "SUCCESS_CODE",
+    "AuthMode",
+    "HResult",
+    "IntuneAuthenticationError",
+    "IntuneClient",
+    "IntuneConfigError",
+    "IntuneConnectionError",
+    "IntuneError",
+    "IntuneHttpError",
+    "IntuneResponseError",
+    "IntuneResult",
+    "IntuneServiceNotFound",
+    "IntuneSettings",
+    "RetryPolicy",
+    "RotatingSecretCredential",
+    "SecretSource",
+    "build_intune_client",
+    "build_intune_credential",
+    "key_vault_secret_source",
+]
+
+
+class HResult(IntEnum):
+    """The HRESULTs this CA reports to Intune in failureNotification (shown in the Intune admin center).
+
+    Standard Windows codes, so administrators can look them up; docs/intune.md explains when each is sent.
+    """
+
+    E_FAIL = 0x80004005  # the CA could not issue (key custody or store failure; step-ca signing failure)
+    CERTSRV_E_UNSUPPORTED_CERT_TYPE = 0x80094800  # the request asks for what the issuance profile refuses
+
+
+# Secrets that can change without a restart
+
+
+@dataclass
+class SecretSource:
+    """Where a client secret comes from: `current()` is the value to use, `refresh()` re-reads it after
+    an authentication failure (so a rotated secret is picked up without a restart)."""
+
+    current: Callable[[], str]
+    refresh: Callable[[], str]
+
+    @classmethod
+    def fixed(cls, value: str) -> SecretSource:
+        return cls(lambda: value, lambda: value)
+
+    @classmethod
+    def from_key_vault(cls, secret_client: Any, name: str, setting: str = "INTUNE_CLIENT_SECRET_NAME") -> SecretSource:
+        """A Key Vault secret (azure.keyvault.secrets.SecretClient), read once and again on refresh()."""
+        cache: dict[str, str] = {}
+        lock = threading.Lock()
+
+        def fetch() -> str:
+            value = secret_client.get_secret(name).value
+            if not value:
+                raise IntuneConfigError(setting, f"Key Vault secret {name!r} is empty")
+            with lock:
+                cache["value"] = value
+            return value
+
+        def current() -> str:
+            with lock:
+                cached = cache.get("value")
+            return cached if cached is not None else fetch()
+
+        return cls(current, fetch)
+
+
+def key_vault_secret_source(env: Mapping[str, str], secret_name: str, setting: str) -> SecretSource:
+    """A SecretSource reading secret_name from the Key Vault at KEY_VAULT_URL with the app's own identity."""
+    vault_url = (env.get("KEY_VAULT_URL") or "").strip()
+    if not vault_url:
+        raise IntuneConfigError("KEY_VAULT_URL", f"required to read {setting} from Key Vault")
+    from azure.keyvault.secrets import SecretClient
+
+    from scep.keys.azure_credentials import build_credential
+
+    verify = (env.get("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE") or "true").strip().lower() not in ("false", "0", "no")
+    client = SecretClient(vault_url, build_credential(), verify_challenge_resource=verify)
+    return SecretSource.from_key_vault(client, secret_name, setting)
+
+
+class RotatingSecretCredential:
+    """ClientSecretCredential that re-reads its secret once when Entra ID refuses it, then tries again."""
+
+    REFRESH_INTERVAL_SECONDS = 30.0
+
+    def __init__(self, tenant_id: str, client_id: str, source: SecretSource, **options: Any) -> None:
+        self._tenant_id = tenant_id
+        self._client_id = client_id
+        self._source = source
+        self._options = options
+        self._lock = threading.Lock()
+        self._secret: str | None = None
+        self._inner: Any = None  # built on first use, so building the app reads no secret yet
+        self._last_refresh = float("-inf")
+
+    def _make(self, secret: str) -> Any:
+        from azure.identity import ClientSecretCredential
+
+        return ClientSecretCredential(self._tenant_id, self._client_id, secret, **self._options)
+
+    def _current(self) -> Any:
+        with self._lock:
+            if self._inner is None:
+                self._secret = self._source.current()
+                self._inner = self._make(self._secret)
+            return self._inner
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        try:
+            return self._current().get_token(*scopes, **kwargs)
+        except ClientAuthenticationError:
+            if not self._reload():
+                raise
+        return self._current().get_token(*scopes, **kwargs)
+
+    def get_token_info(self, *scopes: str, options: Any = None) -> Any:
+        try:
+            return self._current().get_token_info(*scopes, options=options)
+        except ClientAuthenticationError:
+            if not self._reload():
+                raise
+        return self._current().get_token_info(*scopes, options=options)
+
+    def _reload(self) -> bool:
+        """Read the secret again; True when it changed (and the inner credential was replaced)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last_refresh < self.REFRESH_INTERVAL_SECONDS:
+                return False
+            self._last_refresh = now
+            try:
+                fresh = self._source.refresh()
+            except Exception as error:  # the original authentication error is the one to report
+                logger.warning("Could not read the Intune client secret again: %s", type(error).__name__)
+                return False
+            if fresh == self._secret:
+                return False
+            old, self._secret, self._inner = self._inner, fresh, self._make(fresh)
+        if old is not None:
+            old.close()
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.close()
+
+
+def build_intune_credential(
+    settings: IntuneSettings,
+    secret_source: SecretSource | None = None,
+    *,
+    certificate_password: str | None = None,
+) -> TokenCredential:
+    """The azure-identity credential for settings.auth.
+
+    secret: ClientSecretCredential fed by secret_source (required); certificate: CertificateCredential from
+    settings.client_certificate_path (PEM or PKCS#12 holding certificate and key, certificate_password if the
+    file is encrypted); managed-identity: ManagedIdentityCredential (user-assigned when
+    settings.managed_identity_client_id is set); federated: ClientAssertionCredential of the app registration
+    whose assertion is a managed-identity token for the token-exchange audience.
+    """
+    from azure.identity import CertificateCredential, ClientAssertionCredential, ManagedIdentityCredential
+
+    authority = _authority_options(settings.authority_host)
+    if settings.auth is AuthMode.SECRET:
+        if secret_source is None:
+            raise IntuneConfigError("INTUNE_CLIENT_SECRET", "INTUNE_AUTH=secret needs a client secret")
+        return RotatingSecretCredential(settings.tenant_id, _client_id(settings), secret_source, **authority)
+    if settings.auth is AuthMode.CERTIFICATE:
+        if not settings.client_certificate_path:
+            raise IntuneConfigError("INTUNE_CLIENT_CERTIFICATE_PATH", "required with INTUNE_AUTH=certificate")
+        return CertificateCredential(
+            settings.tenant_id,
+            _client_id(settings),
+            certificate_path=settings.client_certificate_path,
+            password=certificate_password,
+            **authority,
+        )
+    managed_identity = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+    if settings.auth is AuthMode.MANAGED_IDENTITY:
+        return managed_identity
+    exchange_scope = settings.token_exchange_audience.rstrip("/") + "/.default"
+    return ClientAssertionCredential(
+        settings.tenant_id,
+        _client_id(settings),
+        lambda: managed_identity.get_token(exchange_scope).token,
+        authority=settings.authority_host,
+    )
+
+
+def _client_id(settings: IntuneSettings) -> str:
+    if not settings.client_id:
+        raise IntuneConfigError("INTUNE_CLIENT_ID", f"required with INTUNE_AUTH={settings.auth.value}")
+    return settings.client_id
+
+
+def _authority_options(authority_host: str) -> dict[str, Any]:
+    # MSAL's instance discovery asks login.microsoftonline.com about the authority: for any other host
+    # (sovereign clouds, private endpoints, emulators) it must stay off so nothing reaches the public cloud.
+    host = (urlsplit(authority_host).hostname or "").lower()
+    return {"authority": authority_host, "disable_instance_discovery": host != "login.microsoftonline.com"}
+
+
+def build_intune_client(settings: Any) -> IntuneClient:
+    """An IntuneClient from settings: a mapping of environment-style names (INTUNE_*, AZURE_CLIENT_ID,
+    KEY_VAULT_URL), or an object holding one in `.values`. Raises IntuneConfigError naming a wrong setting."""
+    env: Mapping[str, str] = settings if isinstance(settings, Mapping) else settings.values
+    intune_settings = IntuneSettings.from_env(env)
+    secret_source = _secret_source(env) if intune_settings.auth is AuthMode.SECRET else None
+    password = (env.get("INTUNE_CLIENT_CERTIFICATE_PASSWORD") or "").strip() or None
+    credential = build_intune_credential(intune_settings, secret_source, certificate_password=password)
+    return IntuneClient(intune_settings, credential)
+
+
+def _secret_source(env: Mapping[str, str]) -> SecretSource:
+    secret = (env.get("INTUNE_CLIENT_SECRET") or "").strip()
+    if secret:
+        return SecretSource.fixed(secret)
+    name = (env.get("INTUNE_CLIENT_SECRET_NAME") or "").strip()
+    if name:
+        return key_vault_secret_source(env, name, "INTUNE_CLIENT_SECRET_NAME")
+    raise IntuneConfigError(
+        "INTUNE_CLIENT_SECRET", "INTUNE_AUTH=secret needs INTUNE_CLIENT_SECRET or INTUNE_CLIENT_SECRET_NAME"
+    )

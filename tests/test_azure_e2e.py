@@ -1,0 +1,131 @@
+"""The Azure backends end to end: `scep serve` with Key Vault custody (emulator, real Azure SDK clients) and the
+Table store (Azurite), a real SCEP client (strongSwan), the Key Vault operation budget, and a CA rollover:
+`ca init` -> enrol -> `rollover` -> GetNextCACert -> `promote` -> enrol under the new CA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from scep.client import ScepClient, make_csr, new_enrollment
+from scep.protocol import PkiStatus
+from scep.store import CertStatus
+from scep.store.tables import TableStore
+from tests.conftest import CHALLENGE
+from tests.emulators.entra import EntraEmulator
+from tests.emulators.keyvault import KeyVaultEmulator
+from tests.interop import load_certificate, require_binary
+from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
+from tests.serverproc import REPO_ROOT, ScepServer, _hermetic_environment
+
+pytestmark = pytest.mark.e2e
+
+KEY_OPERATIONS = ("keys.sign", "keys.decrypt", "keys.unwrapkey")
+
+
+@pytest.fixture(scope="module")
+def cloud(azurite):
+    with EntraEmulator() as entra, KeyVaultEmulator(entra) as vault:
+        client_id = str(uuid.uuid4())
+        entra.register_managed_identity(client_id, str(uuid.uuid4()))
+        environment = {
+            **vault.client_environment(),
+            **entra.managed_identity_environment(),
+            "AZURE_CLIENT_ID": client_id,
+            "SCEP_TABLES_CONNECTION_STRING": azurite.connection_string,
+            "SCEP_TABLE_PREFIX": "e2e" + uuid.uuid4().hex[:8],
+            "SCEP_CHALLENGE": CHALLENGE,
+            "KEY_VAULT_REFRESH_SECONDS": "2",
+        }
+        yield vault, environment
+
+
+def scep_cli(environment: dict[str, str], *arguments: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-m", "scep.cli", *arguments],
+        cwd=REPO_ROOT, env=_hermetic_environment(environment), capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, f"scep {' '.join(arguments)}:\n{completed.stdout}\n{completed.stderr}"
+    return completed.stdout
+
+
+def wait_for(condition, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_key_vault_and_tables_end_to_end(cloud, keys, tmp_path: Path):
+    pki = require_binary("pki")
+    vault, environment = cloud
+    scep_cli(environment, "ca", "init", "--subject", "CN=Vault Root CA 1,O=Example")
+    shown = scep_cli(environment, "ca", "show")
+    assert "[ca] CN=Vault Root CA 1,O=Example" in shown and "[ra]" in shown and "software" in shown
+
+    with ScepServer(env=environment, workers=1) as server:
+        client = ScepClient(server.scep_url)
+        ra, ca = client.ca_certificates()
+        assert ca.subject.rfc4514_string() == "CN=Vault Root CA 1,O=Example"
+
+        # a real client enrols; its certificate is in the Table store
+        fetch_ca_certificates(pki, server, tmp_path)
+        generate_key(pki, tmp_path / "key.pem")
+        first = enrol(pki, server, (tmp_path / "ca.pem", tmp_path / "ra.pem"), tmp_path,
+                      "--in", tmp_path / "key.pem", "--dn", "CN=vault-device-1", "--password", CHALLENGE)
+        assert first.succeeded, first.describe(server)
+        issued = load_certificate(tmp_path / "issued.pem")
+        issued.verify_directly_issued_by(ca)
+        store = TableStore.from_connection_string(environment["SCEP_TABLES_CONNECTION_STRING"],
+                                                  table_prefix=environment["SCEP_TABLE_PREFIX"])
+        record = store.certificate_by_serial(issued.serial_number)
+        assert record is not None and record.status is CertStatus.ISSUED
+
+        # a warm enrollment costs exactly three Key Vault key operations, and no other Key Vault call
+        vault.reset_counts()
+        key = keys.new()
+        result = client.enroll(new_enrollment(key, make_csr(key, "vault-device-2", CHALLENGE)), ra)
+        assert result.status is PkiStatus.SUCCESS
+        assert vault.operations["keys.decrypt"] + vault.operations["keys.unwrapkey"] == 1
+        assert vault.operations["keys.sign"] == 2
+        assert vault.operation_count("keys.get", "certificates.get", "challenge") == 0
+
+        # rollover: the next CA is published, signed by the current one
+        scep_cli(environment, "ca", "rollover", "--subject", "CN=Vault Root CA 2,O=Example")
+        wait_for(lambda: "GetNextCACert" in client.capabilities(), "GetNextCACert in the capabilities")
+        (next_ca,) = client.next_ca_certificates(ca)
+        assert next_ca.subject.rfc4514_string() == "CN=Vault Root CA 2,O=Example"
+
+        # promote: the next CA issues from now on, and devices of the old CA can still renew
+        scep_cli(environment, "ca", "promote")
+        new_ra, new_ca = wait_for(lambda: _if_ca(client, next_ca), "the promoted CA in GetCACert")
+        new_ra.verify_directly_issued_by(new_ca)
+        (tmp_path / "rolled").mkdir()
+        fetch_ca_certificates(pki, server, tmp_path / "rolled")
+        generate_key(pki, tmp_path / "rolled" / "key.pem")
+        second = enrol(pki, server, (tmp_path / "rolled" / "ca.pem", tmp_path / "rolled" / "ra.pem"),
+                       tmp_path / "rolled", "--in", tmp_path / "rolled" / "key.pem", "--dn", "CN=vault-device-3",
+                       "--password", CHALLENGE)
+        assert second.succeeded, second.describe(server)
+        load_certificate(tmp_path / "rolled" / "issued.pem").verify_directly_issued_by(next_ca)
+
+        renewal_key = keys.new()
+        renewal = new_enrollment(renewal_key, make_csr(renewal_key, "vault-device-2"),
+                                 renew_with=(key, result.certificate))
+        renewed = client.enroll(renewal, new_ra)
+        assert renewed.status is PkiStatus.SUCCESS
+        renewed.certificate.verify_directly_issued_by(next_ca)
+
+
+def _if_ca(client: ScepClient, wanted: x509.Certificate):
+    ra, ca = client.ca_certificates()
+    return (ra, ca) if ca == wanted else None
