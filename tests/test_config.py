@@ -1,0 +1,75 @@
+"""Settings: a wrong one fails at start with a message naming it; the reference documents every one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scep.config import SETTINGS, ConfigError, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {"SCEP_CHALLENGE": "secret"}
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        ({"SCEP_CERT_VALIDITY_DAYS": "a year"}, "SCEP_CERT_VALIDITY_DAYS"),
+        ({"SCEP_CERT_VALIDITY_DAYS": "0"}, "SCEP_CERT_VALIDITY_DAYS"),
+        ({"SCEP_ALLOW_DES": "maybe"}, "SCEP_ALLOW_DES"),
+        ({"SCEP_CHALLENGE_MODE": "ldap"}, "SCEP_CHALLENGE_MODE"),
+        ({"SCEP_CHALLENGE": ""}, "SCEP_CHALLENGE"),
+        ({"SCEP_MAX_MESSAGE_BYTES": "10"}, "SCEP_MAX_MESSAGE_BYTES"),
+        ({"SCEP_ALLOWED_EKUS": "clientAuth,teleportation"}, "SCEP_ALLOWED_EKUS"),
+        ({"SCEP_STORE": "postgres"}, "SCEP_STORE"),
+        ({"SCEP_STORE": "tables"}, "SCEP_TABLES_ENDPOINT"),
+        ({"KEY_VAULT_URL": "http://vault.example"}, "KEY_VAULT_URL"),
+        ({"KEY_VAULT_REFRESH_SECONDS": "-1"}, "KEY_VAULT_REFRESH_SECONDS"),
+        ({"SCEP_CHALLENGE_MODE": "intune"}, "INTUNE_TENANT_ID"),
+        ({"SCEP_CHALLENGE_MODE": "intune", "INTUNE_TENANT_ID": "t", "INTUNE_AUTH": "telepathy"}, "INTUNE_AUTH"),
+    ],
+)
+def test_wrong_setting_is_named(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_settings({**BASE, **overrides})
+
+
+def test_defaults_are_valid():
+    settings = load_settings(BASE)
+    assert settings.modes == {"static"} and settings.store_kind == "sqlite" and not settings.uses_key_vault
+
+
+def test_store_auto_selects_tables_from_any_endpoint():
+    for name in ("SCEP_TABLES_ENDPOINT", "AzureWebJobsStorage__tableServiceUri", "SCEP_TABLES_CONNECTION_STRING"):
+        assert load_settings({**BASE, name: "https://account.table.core.windows.net"}).store_kind == "tables"
+
+
+def test_reference_documents_every_setting():
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    missing = [s.name for s in SETTINGS if f"`{s.name}`" not in reference]
+    assert not missing
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_serve_refuses_to_start_on_a_bad_setting(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SCEP_DATA_DIR": str(tmp_path), "SCEP_CERT_VALIDITY_DAYS": "forever"}
+    completed = _run("import sys; from scep.cli import main; sys.exit(main(['serve', '--port', '0']))", env)
+    assert completed.returncode == 2
+    assert "SCEP_CERT_VALIDITY_DAYS" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_function_app_fails_at_import_naming_the_setting(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SCEP_DATA_DIR": str(tmp_path), "SCEP_CHALLENGE": "x", "SCEP_ALLOW_DES": "perhaps"}
+    completed = _run("import function_app", env)
+    assert completed.returncode != 0 and "SCEP_ALLOW_DES" in completed.stderr
+
+
+def test_secrets_are_marked():
+    secret = {s.name for s in SETTINGS if s.secret}
+    assert {"SCEP_CHALLENGE", "INTUNE_CLIENT_SECRET", "SCEP_WEBHOOK_SECRET"} <= secret
