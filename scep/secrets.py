@@ -72,8 +72,8 @@ class SecretReader:
             status = getattr(error, "status_code", None)
             detail = f"HTTP {status}" if status else type(error).__name__
             raise SecretError(f"Key Vault secret '{name}' could not be read ({detail})") from error
-        if secret.value is None:
-            raise SecretError(f"Key Vault secret '{name}' has no value")
+        if not secret.value:
+            raise SecretError(f"Key Vault secret '{name}' is empty")
         with self._lock:
             self._values[name] = secret.value
         return secret.value

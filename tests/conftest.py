@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from scep.keys.local import LocalHome
 from scep.service import ScepService, ServiceOptions
 from scep.store.sqlite import SqliteStore
 from tests.azurite import azurite  # noqa: F401 - session fixture: Azurite, started on first use
+from tests.emulators.intune import IntuneTestbed, running_intune
 
 CHALLENGE = "correct horse battery staple"
 
@@ -56,3 +57,17 @@ def make_service(ca_dir: Path, tmp_path: Path) -> Callable[..., ScepService]:
 @pytest.fixture
 def service(make_service) -> ScepService:
     return make_service()
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[IntuneTestbed]:
+    """Entra ID and Intune emulators with one registered application, for a module's tests."""
+    with running_intune() as bed:
+        yield bed
+
+
+@pytest.fixture
+def testbed(running: IntuneTestbed, monkeypatch: pytest.MonkeyPatch) -> IntuneTestbed:
+    running.reset()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", running.intune.ca_bundle_path)
+    return running

@@ -8,7 +8,6 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from scep.intune import (
 )
 from scep.intune.check import Status, run_check
 from scep.intune.client import VALIDATION_SERVICE, iso_utc
-from tests.emulators.intune import IntuneTestbed, build_csr, running_intune
+from tests.emulators.intune import IntuneTestbed, build_csr
 
 VALIDATE = "/ScepRequestValidationFEService/ScepActions/validateRequest"
 SUCCESS = "/ScepRequestValidationFEService/ScepActions/successNotification"
@@ -40,17 +39,6 @@ FAILURE = "/ScepRequestValidationFEService/ScepActions/failureNotification"
 DISCOVERY = "/endpoints$"
 
 
-@pytest.fixture(scope="module")
-def running() -> Iterator[IntuneTestbed]:
-    with running_intune() as bed:
-        yield bed
-
-
-@pytest.fixture
-def testbed(running: IntuneTestbed, monkeypatch: pytest.MonkeyPatch) -> IntuneTestbed:
-    running.reset()
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", running.intune.ca_bundle_path)
-    return running
 
 
 def settings_for(bed: IntuneTestbed, **overrides: object) -> IntuneSettings:
@@ -368,29 +356,6 @@ def test_rotated_secret_is_picked_up_without_a_restart(testbed: IntuneTestbed) -
     testbed.entra.set_client_secret(testbed.client_id, "rotated-secret")
     current["secret"] = "rotated-secret"
     assert client.validate_request("tx", csr_der(testbed)).succeeded  # Intune token: refused once, then re-read
-
-
-class FakeSecretClient:
-    """Duck-types azure.keyvault.secrets.SecretClient.get_secret."""
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-        self.reads = 0
-
-    def get_secret(self, name: str) -> object:
-        self.reads += 1
-        return type("KeyVaultSecret", (), {"name": name, "value": self.value})()
-
-
-def test_key_vault_secret_source_caches_and_refreshes() -> None:
-    vault = FakeSecretClient("first")
-    source = SecretSource.from_key_vault(vault, "intune-secret")
-    assert (source.current(), source.current(), vault.reads) == ("first", "first", 1)
-    vault.value = "second"
-    assert (source.refresh(), source.current(), vault.reads) == ("second", "second", 2)
-    vault.value = ""
-    with pytest.raises(IntuneConfigError):
-        source.refresh()
 
 
 def test_certificate_credential(testbed: IntuneTestbed, tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -33,24 +32,13 @@ from scep.challenge.static import StaticValidator
 from scep.intune import ERROR_CODES, HResult, IntuneClient, IntuneConfigError, IntuneSettings, SecretSource
 from scep.intune import build_intune_credential as build_credential
 from scep.protocol import FailInfo
-from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr, running_intune
+from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr
 
 SUBJECT = "CN=device1,O=Contoso"
 SANS = ["dns:device1.contoso.com", "upn:user@contoso.com"]
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string
 
 
-@pytest.fixture(scope="module")
-def running() -> Iterator[IntuneTestbed]:
-    with running_intune() as bed:
-        yield bed
-
-
-@pytest.fixture
-def testbed(running: IntuneTestbed, monkeypatch: pytest.MonkeyPatch) -> IntuneTestbed:
-    running.reset()
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", running.intune.ca_bundle_path)
-    return running
 
 
 @pytest.fixture(autouse=True)

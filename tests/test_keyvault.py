@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from scep.intune import SecretSource
 from scep.keys import CustodyError, KeyHandle, KeySpec, KeyTransport, SignaturePadding, Slot
 from scep.keys.azure_credentials import build_app_credential, build_credential, needs_instance_discovery_disabled
 from scep.keys.keyvault import KeyVaultHome
@@ -544,6 +545,9 @@ def test_secret_reader_caches_and_refreshes_after_rotation(vault: KeyVaultEmulat
     assert vault.operation_count("secrets.get") == 0
     assert reader.refresh(name) == "second"
     assert reader.get(name) == "second"
+    source = SecretSource.from_key_vault(reader, name)  # how the Intune credential sees a rotated secret
+    admin.set_secret(name, "third")
+    assert (source.current(), source.refresh(), source.current()) == ("second", "third", "third")
     with pytest.raises(SecretError, match="could not be read"):
         reader.get("no-such-secret")
 

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -32,7 +31,7 @@ from scep.challenge.webhook import (
 )
 from scep.intune import HResult, IntuneClient, IntuneSettings, SecretSource, build_intune_credential
 from scep.protocol import FailInfo
-from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr, running_intune
+from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr
 
 STEP_SECRET = base64.b64encode(os.urandom(64)).decode()  # what `step ca provisioner webhook add` prints
 KEY = base64.b64decode(STEP_SECRET)
@@ -295,17 +294,6 @@ def test_build_without_a_secret_names_the_setting() -> None:
 # With Intune behind it (the emulators)
 
 
-@pytest.fixture(scope="module")
-def running() -> Iterator[IntuneTestbed]:
-    with running_intune() as bed:
-        yield bed
-
-
-@pytest.fixture
-def testbed(running: IntuneTestbed, monkeypatch: pytest.MonkeyPatch) -> IntuneTestbed:
-    running.reset()
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", running.intune.ca_bundle_path)
-    return running
 
 
 def intune_validator(bed: IntuneTestbed) -> IntuneValidator:

@@ -35,6 +35,7 @@ from scep.intune.client import (
     IntuneSettings,
     RetryPolicy,
 )
+from scep.secrets import SecretReader
 
 logger = logging.getLogger("scep.intune")
 
@@ -89,25 +90,9 @@ class SecretSource:
         return cls(lambda: value, lambda: value)
 
     @classmethod
-    def from_key_vault(cls, secret_client: Any, name: str, setting: str = "INTUNE_CLIENT_SECRET_NAME") -> SecretSource:
-        """A Key Vault secret (azure.keyvault.secrets.SecretClient), read once and again on refresh()."""
-        cache: dict[str, str] = {}
-        lock = threading.Lock()
-
-        def fetch() -> str:
-            value = secret_client.get_secret(name).value
-            if not value:
-                raise IntuneConfigError(setting, f"Key Vault secret {name!r} is empty")
-            with lock:
-                cache["value"] = value
-            return value
-
-        def current() -> str:
-            with lock:
-                cached = cache.get("value")
-            return cached if cached is not None else fetch()
-
-        return cls(current, fetch)
+    def from_key_vault(cls, reader: SecretReader, name: str) -> SecretSource:
+        """A Key Vault secret, read once and again on refresh()."""
+        return cls(lambda: reader.get(name), lambda: reader.refresh(name))
 
 
 def key_vault_secret_source(env: Mapping[str, str], secret_name: str, setting: str) -> SecretSource:
@@ -115,13 +100,11 @@ def key_vault_secret_source(env: Mapping[str, str], secret_name: str, setting: s
     vault_url = (env.get("KEY_VAULT_URL") or "").strip()
     if not vault_url:
         raise IntuneConfigError("KEY_VAULT_URL", f"required to read {setting} from Key Vault")
-    from azure.keyvault.secrets import SecretClient
-
     from scep.keys.azure_credentials import build_credential
 
     verify = (env.get("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE") or "true").strip().lower() not in ("false", "0", "no")
-    client = SecretClient(vault_url, build_credential(), verify_challenge_resource=verify)
-    return SecretSource.from_key_vault(client, secret_name, setting)
+    reader = SecretReader(vault_url, build_credential(), verify_challenge_resource=verify)
+    return SecretSource.from_key_vault(reader, secret_name)
 
 
 class RotatingSecretCredential:
