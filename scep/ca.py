@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scep.issuer import ca_certificate, ra_certificate
+from scep.issuer import ca_certificate, is_ca_certificate, ra_certificate
 from scep.keys import KeyHome, KeySpec, Slot
 
 DEFAULT_CA_SUBJECT = "CN=SCEP Root CA,O=scep-intune-ca"
@@ -57,10 +57,11 @@ def import_signed(home: KeyHome, certificate: x509.Certificate, chain: list[x509
     """Attach an externally signed CA certificate (and its chain up to the root) to the pending CA key."""
     slot = Slot.CA if home.pending(Slot.CA) is not None else Slot.NEXT_CA
     if home.pending(slot) is None:
-        raise LifecycleError("no pending CA key: run `scep ca init --subordinate` (or `rollover --subordinate`)")
-    constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
-    if not constraints.ca:
-        raise LifecycleError("the imported certificate is not a CA certificate")
+        raise LifecycleError(
+            "no pending CA key: run `scep ca init --subordinate` (or `scep ca rollover --subordinate`) first"
+        )
+    if not is_ca_certificate(certificate):
+        raise LifecycleError("the imported certificate is not a CA certificate (basicConstraints CA:true)")
     home.complete(slot, certificate, chain)
     if slot is Slot.CA:
         issue_ra(home)
@@ -80,9 +81,19 @@ def issue_ra(home: KeyHome, subject: str = DEFAULT_RA_SUBJECT, days: int = 730) 
 
 def rollover(home: KeyHome, options: CaOptions) -> x509.Certificate:
     """Create the next CA (served by GetNextCACert) beside the current one."""
+    _require_current(home)
+    return _self_signed(home, Slot.NEXT_CA, options)
+
+
+def rollover_subordinate(home: KeyHome, options: CaOptions) -> bytes:
+    """Generate the next CA's key and return its CSR (DER) for the enterprise root; `import_signed` finishes."""
+    _require_current(home)
+    return home.begin(Slot.NEXT_CA, options.spec, parse_subject(options.subject)).csr_der
+
+
+def _require_current(home: KeyHome) -> None:
     if not home.exists(Slot.CA):
         raise LifecycleError("there is no CA to roll over: run `scep ca init` first")
-    return _self_signed(home, Slot.NEXT_CA, options)
 
 
 def promote(home: KeyHome) -> x509.Certificate:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
-    except (LifecycleError, CustodyError) as error:
+    except (LifecycleError, CustodyError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
@@ -104,6 +104,8 @@ def _ca_parser(commands) -> None:
 
     roll = ca_commands.add_parser("rollover", help="create the next CA, served by GetNextCACert")
     _key_options(roll)
+    roll.add_argument("--subordinate", action="store_true", help="write a CSR for an enterprise root instead")
+    roll.add_argument("--csr-out", default="scep-next-ca.csr", help="where --subordinate writes the CSR (PEM)")
     roll.set_defaults(run=_ca_rollover)
 
     promote = ca_commands.add_parser("promote", help="make the next CA current (and issue a new RA)")
@@ -293,6 +295,11 @@ def _ca_ra(args) -> int:
 def _ca_rollover(args) -> int:
     from scep import ca
 
+    if args.subordinate:
+        csr = x509.load_der_x509_csr(ca.rollover_subordinate(_home(), _ca_options(args)))
+        Path(args.csr_out).write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+        print(f"CSR for the next CA written to {args.csr_out}; have the root sign it, then `scep ca import`")
+        return 0
     certificate = ca.rollover(_home(), _ca_options(args))
     print(f"next CA {certificate.subject.rfc4514_string()} created; GetNextCACert serves it")
     print(f"SHA-256 {fingerprint(certificate)}; distribute it, then run `scep ca promote`")
