@@ -25,14 +25,14 @@ from scep.client import (
     self_signed,
 )
 from scep.issuer import Profile, is_ca_certificate
-from scep.keys import KeyTransport
+from scep.keys import CustodyError, KeyTransport
 from scep.keys.local import LocalHome
 from scep.message import issuer_and_serial_der
 from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 from scep.service import ScepService, ServiceOptions
 from scep.store import CertStatus
 from scep.store.sqlite import SqliteStore
-from tests.conftest import KeyPool
+from tests.conftest import CHALLENGE, KeyPool
 from tests.scep_helpers import enroll, ra_and_ca, send
 
 ALGORITHMS = [
@@ -335,3 +335,30 @@ def test_validator_crash_fails_closed(make_service, keys):
     result, enrollment = enroll(service, keys.new())
     assert result.status is PkiStatus.FAILURE
     assert service.store.certificate_for_transaction(enrollment.transaction_id) is None
+
+
+class FailingCaHome(LocalHome):
+    """Local custody whose CA key stops signing, as a throttled or unreachable Key Vault would."""
+
+    def keys(self):
+        keys = super().keys()
+
+        class Refusing:
+            certificate = keys.ca.certificate
+
+            def sign_digest(self, *args, **kwargs):
+                raise CustodyError("Key Vault answered 429 after every retry")
+
+        return type(keys)(ca=Refusing(), ra=keys.ra, next_ca=keys.next_ca, chain=keys.chain, retired=keys.retired)
+
+
+def test_custody_failure_is_a_signed_failure_and_can_be_retried(ca_dir, tmp_path, keys):
+    store = SqliteStore(tmp_path / "custody.db")
+    failing = ScepService(FailingCaHome(ca_dir), store, StaticValidator(CHALLENGE), ServiceOptions())
+    key = keys.new()
+    result, enrollment = enroll(failing, key)
+    assert result.status is PkiStatus.FAILURE and "temporarily unavailable" in result.fail_info_text
+    assert store.certificate_for_transaction(enrollment.transaction_id) is None
+    healthy = ScepService(LocalHome(ca_dir), store, StaticValidator(CHALLENGE), ServiceOptions())
+    retried, _ = enroll(healthy, key, transaction_id=enrollment.transaction_id)
+    assert retried.status is PkiStatus.SUCCESS
