@@ -1,0 +1,1 @@
+"""Enrollment throughput benchmark: the product's server against micromdm's scepserver on the same machine."""
