@@ -12,10 +12,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 
 from asn1crypto import algos, cms, core
 from asn1crypto import parser as asn1_parser
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from scep import der
 from scep.keys import KeyHandle, KeyTransport
 from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 
@@ -35,6 +36,13 @@ OID_SENDER_NONCE = "2.16.840.1.113733.1.9.5"
 OID_RECIPIENT_NONCE = "2.16.840.1.113733.1.9.6"
 OID_TRANSACTION_ID = "2.16.840.1.113733.1.9.7"
 OID_FAIL_INFO_TEXT = "1.3.6.1.5.5.7.24.1"
+OID_DATA = "1.2.840.113549.1.7.1"
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 
 HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
@@ -45,12 +53,36 @@ HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 LEGACY_HASHES: dict[str, type[hashes.HashAlgorithm]] = {"md5": hashes.MD5}
 LEGACY_CIPHERS = frozenset({ContentCipher.DES})
 
+_CIPHER_OIDS = {
+    ContentCipher.AES128: "2.16.840.1.101.3.4.1.2",
+    ContentCipher.AES192: "2.16.840.1.101.3.4.1.22",
+    ContentCipher.AES256: "2.16.840.1.101.3.4.1.42",
+    ContentCipher.DES3: "1.2.840.113549.3.7",
+    ContentCipher.DES: "1.3.14.3.2.7",
+}
 _CIPHER_KEY_BYTES = {
     ContentCipher.AES128: 16,
     ContentCipher.AES192: 24,
     ContentCipher.AES256: 32,
     ContentCipher.DES3: 24,
     ContentCipher.DES: 8,
+}
+
+
+_KNOWN_OIDS = {
+    der.oid(dotted): dotted
+    for dotted in (
+        OID_MESSAGE_TYPE,
+        OID_PKI_STATUS,
+        OID_FAIL_INFO,
+        OID_SENDER_NONCE,
+        OID_RECIPIENT_NONCE,
+        OID_TRANSACTION_ID,
+        OID_FAIL_INFO_TEXT,
+        OID_CONTENT_TYPE,
+        OID_MESSAGE_DIGEST,
+        OID_SIGNING_TIME,
+    )
 }
 
 
@@ -70,11 +102,13 @@ class MessageError(Exception):
 
 @dataclass(frozen=True)
 class Envelope:
-    """The encrypted content of a PKIMessage, not yet decrypted."""
+    """The encrypted content of a PKIMessage, read but not yet decrypted."""
 
-    der: bytes
     cipher: ContentCipher
     transport: KeyTransport
+    encrypted_key: bytes
+    iv: bytes
+    ciphertext: bytes
 
 
 @dataclass(frozen=True)
@@ -111,7 +145,7 @@ def parse_pki_message(der: bytes, allow_legacy: bool = False) -> PkiMessage:
         certificates = _certificates(signed_data)
         signer = _find_signer(signer_info, certificates)
         content = _encapsulated_content(signed_data)
-        _verify_signer_info(signer_info, signer, digest_name, content)
+        _verify_signer_info(signer_info, attributes, signer, digest_name, content)
     except MessageError as error:
         error.attributes = partial
         raise
@@ -137,7 +171,7 @@ def read_signed_content(der: bytes) -> tuple[x509.Certificate, bytes | None]:
         digest_name = _digest_name(signer_info, allow_legacy=False)
         signer = _find_signer(signer_info, _certificates(signed_data))
         content = _encapsulated_content(signed_data)
-        _verify_signer_info(signer_info, signer, digest_name, content)
+        _verify_signer_info(signer_info, _signed_attributes(signer_info), signer, digest_name, content)
     except MessageError as error:
         raise MalformedMessage(error.reason) from None
     return signer, content
@@ -170,14 +204,34 @@ def _load_signed_data(der: bytes) -> tuple[cms.SignedData, cms.SignerInfo]:
         raise MalformedMessage(f"not a valid PKIMessage: {_short(error)}") from None
 
 
-def _signed_attributes(signer_info: cms.SignerInfo) -> dict[str, core.Asn1Value]:
+@dataclass(frozen=True)
+class _Value:
+    """One attribute value, undecoded: its universal tag number and content octets."""
+
+    tag: int
+    contents: bytes
+
+
+_STRING_TAGS = {12: "utf-8", 19: "ascii", 20: "latin-1", 22: "ascii"}  # UTF8, Printable, T61, IA5 String
+
+
+def _signed_attributes(signer_info: cms.SignerInfo) -> dict[str, _Value]:
+    """The signed attributes by OID, read straight from the DER (the hot path of every request)."""
     try:
-        found: dict[str, core.Asn1Value] = {}
-        for attribute in signer_info["signed_attrs"]:
-            values = attribute["values"]
-            if len(values) != 1:
-                raise MalformedMessage(f"attribute {attribute['type'].dotted} must have one value")
-            found[attribute["type"].dotted] = values[0]
+        data, offset, found = signer_info["signed_attrs"].contents or b"", 0, {}
+        while offset < len(data):
+            _, _, tag, header, contents, trailer = asn1_parser.parse(data[offset:])
+            offset += len(header) + len(contents) + len(trailer)
+            if tag != 16:
+                raise MalformedMessage("a signed attribute is not a SEQUENCE")
+            oid_tlv, values = _two_elements(contents)
+            inner = asn1_parser.parse(values)
+            if inner[2] != 17 or not inner[4]:
+                raise MalformedMessage("a signed attribute has no SET of values")
+            value = asn1_parser.parse(inner[4])
+            if len(value[3]) + len(value[4]) + len(value[5]) != len(inner[4]):
+                raise MalformedMessage("a signed attribute must have exactly one value")
+            found[_dotted(oid_tlv)] = _Value(value[2] if value[0] == 0 else -1, value[4])
         return found
     except MalformedMessage:
         raise
@@ -185,7 +239,17 @@ def _signed_attributes(signer_info: cms.SignerInfo) -> dict[str, core.Asn1Value]
         raise MalformedMessage(f"unreadable signed attributes: {_short(error)}") from None
 
 
-def _read_scep_attributes(attributes: dict[str, core.Asn1Value]) -> ScepAttributes:
+def _two_elements(data: bytes) -> tuple[bytes, bytes]:
+    first = asn1_parser.parse(data)
+    size = len(first[3]) + len(first[4]) + len(first[5])
+    return data[:size], data[size:]
+
+
+def _dotted(oid_tlv: bytes) -> str:
+    return _KNOWN_OIDS.get(oid_tlv) or core.ObjectIdentifier.load(oid_tlv).dotted
+
+
+def _read_scep_attributes(attributes: dict[str, _Value]) -> ScepAttributes:
     try:
         message_type = int(_text(attributes, OID_MESSAGE_TYPE))
         transaction_id = _text(attributes, OID_TRANSACTION_ID)
@@ -209,39 +273,34 @@ def _read_scep_attributes(attributes: dict[str, core.Asn1Value]) -> ScepAttribut
         raise MalformedMessage(f"bad SCEP attributes: {_short(error)}") from None
 
 
-def _text(attributes: dict[str, core.Asn1Value], oid: str) -> str:
+def _text(attributes: dict[str, _Value], oid: str) -> str:
     value = _optional_text(attributes, oid)
     if value is None:
         raise MalformedMessage(f"missing SCEP attribute {oid}")
     return value
 
 
-def _optional_text(attributes: dict[str, core.Asn1Value], oid: str) -> str | None:
+def _optional_text(attributes: dict[str, _Value], oid: str) -> str | None:
     if oid not in attributes:
         return None
-    value = _parsed(attributes[oid])
-    if not isinstance(value, core.AbstractString):
+    value = attributes[oid]
+    if value.tag not in _STRING_TAGS:
         raise MalformedMessage(f"SCEP attribute {oid} must be a string")
-    text = value.native
+    text = value.contents.decode(_STRING_TAGS[value.tag])
     if not text or len(text) > 256:
         raise MalformedMessage(f"SCEP attribute {oid} has a bad length")
     return text
 
 
-def _octets(attributes: dict[str, core.Asn1Value], oid: str) -> bytes:
+def _octets(attributes: dict[str, _Value], oid: str) -> bytes:
     if oid not in attributes:
         raise MalformedMessage(f"missing SCEP attribute {oid}")
-    value = _parsed(attributes[oid])
-    if not isinstance(value, core.OctetString):
+    value = attributes[oid]
+    if value.tag != 4:
         raise MalformedMessage(f"SCEP attribute {oid} must be an OCTET STRING")
-    nonce = value.native
-    if not 8 <= len(nonce) <= 64:
+    if not 8 <= len(value.contents) <= 64:
         raise MalformedMessage(f"SCEP nonce {oid} has a bad length")
-    return nonce
-
-
-def _parsed(value: core.Asn1Value) -> core.Asn1Value:
-    return value.parse() if isinstance(value, core.Any) else value
+    return value.contents
 
 
 def _digest_name(signer_info: cms.SignerInfo, allow_legacy: bool) -> str:
@@ -266,8 +325,11 @@ def _find_signer(signer_info: cms.SignerInfo, certificates: list[x509.Certificat
     sid = signer_info["sid"]
     for certificate in certificates:
         if sid.name == "issuer_and_serial_number":
-            issuer = asn1_x509.Name.load(certificate.issuer.public_bytes())
-            if sid.chosen["serial_number"].native == certificate.serial_number and sid.chosen["issuer"] == issuer:
+            chosen = sid.chosen
+            if (
+                chosen["serial_number"].native == certificate.serial_number
+                and chosen["issuer"].dump() == certificate.issuer.public_bytes()
+            ):
                 return certificate
         elif sid.chosen.native == _subject_key_id(certificate):
             return certificate
@@ -292,16 +354,17 @@ def _encapsulated_content(signed_data: cms.SignedData) -> bytes | None:
 
 
 def _verify_signer_info(
-    signer_info: cms.SignerInfo, signer: x509.Certificate, digest_name: str, content: bytes | None
+    signer_info: cms.SignerInfo,
+    attributes: dict[str, _Value],
+    signer: x509.Certificate,
+    digest_name: str,
+    content: bytes | None,
 ) -> None:
     hash_class = HASHES.get(digest_name) or LEGACY_HASHES[digest_name]
-    attributes = {attr["type"].dotted: attr["values"][0] for attr in signer_info["signed_attrs"]}
-    expected_digest = attributes.get("1.2.840.113549.1.9.4")
-    if expected_digest is None:
+    expected = attributes.get(OID_MESSAGE_DIGEST)
+    if expected is None:
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "no messageDigest attribute")
-    actual = _hash(hash_class, content or b"")
-    expected = _parsed(expected_digest)
-    if not isinstance(expected, core.OctetString) or not _same(expected.native, actual):
+    if expected.tag != 4 or not _same(expected.contents, _hash(hash_class, content or b"")):
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "messageDigest does not match the content")
     signed_bytes = _as_set(signer_info["signed_attrs"])
     signature = signer_info["signature"].native
@@ -348,7 +411,7 @@ def _as_set(attributes: cms.CMSAttributes) -> bytes:
 
 
 def read_envelope(der: bytes, recipient: x509.Certificate, allow_legacy: bool = False) -> Envelope:
-    """Identify the cipher and our key transport in an EnvelopedData, refusing legacy algorithms by default.
+    """Read an EnvelopedData addressed to us, refusing legacy algorithms by default.
 
     recipient is our certificate: clients may encrypt to several (micromdm adds the CA beside the RA)."""
     try:
@@ -356,33 +419,34 @@ def read_envelope(der: bytes, recipient: x509.Certificate, allow_legacy: bool = 
         if info["content_type"].native != "enveloped_data":
             raise MessageError(FailInfo.BAD_REQUEST, "the message content is not an EnvelopedData")
         enveloped = info["content"]
-        algorithm = enveloped["encrypted_content_info"]["content_encryption_algorithm"]
+        encrypted_content = enveloped["encrypted_content_info"]
+        algorithm = encrypted_content["content_encryption_algorithm"]
         recipient_info = _key_trans_recipient(enveloped, recipient)
-        cipher = _content_cipher(algorithm)
-        transport = _key_transport(recipient_info["key_encryption_algorithm"])
+        envelope = Envelope(
+            cipher=_content_cipher(algorithm),
+            transport=_key_transport(recipient_info["key_encryption_algorithm"]),
+            encrypted_key=recipient_info["encrypted_key"].native,
+            iv=algorithm.encryption_iv,
+            ciphertext=_encrypted_content(encrypted_content),
+        )
     except MessageError:
         raise
     except Exception as error:
         raise MessageError(FailInfo.BAD_REQUEST, f"unreadable EnvelopedData: {_short(error)}") from None
-    if cipher in LEGACY_CIPHERS and not allow_legacy:
+    if envelope.cipher in LEGACY_CIPHERS and not allow_legacy:
         raise MessageError(FailInfo.BAD_ALG, "single DES is refused (enable SCEP_ALLOW_DES for legacy clients)")
-    return Envelope(der=der, cipher=cipher, transport=transport)
+    if not envelope.ciphertext:
+        raise MessageError(FailInfo.BAD_REQUEST, "the EnvelopedData has no content")
+    return envelope
 
 
 def open_envelope(envelope: Envelope, recipient: KeyHandle) -> bytes:
     """Decrypt an EnvelopedData with the recipient's key (custody does the RSA part)."""
-    enveloped = cms.ContentInfo.load(envelope.der)["content"]
-    recipient_info = _key_trans_recipient(enveloped, recipient.certificate)
-    encrypted_content = enveloped["encrypted_content_info"]
-    algorithm = encrypted_content["content_encryption_algorithm"]
-    ciphertext = _encrypted_content(encrypted_content)
-    if not ciphertext:
-        raise MessageError(FailInfo.BAD_REQUEST, "the EnvelopedData has no content")
-    content_key = recipient.decrypt(recipient_info["encrypted_key"].native, envelope.transport)
+    content_key = recipient.decrypt(envelope.encrypted_key, envelope.transport)
     if len(content_key) != _CIPHER_KEY_BYTES[envelope.cipher]:
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "could not decrypt the content-encryption key")
     try:
-        return _cbc_decrypt(envelope.cipher, content_key, algorithm.encryption_iv, ciphertext)
+        return _cbc_decrypt(envelope.cipher, content_key, envelope.iv, envelope.ciphertext)
     except ValueError:
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "could not decrypt the message content") from None
 
@@ -401,26 +465,19 @@ def seal_envelope(
     iv = os.urandom(8 if cipher in (ContentCipher.DES, ContentCipher.DES3) else 16)
     ciphertext = _cbc_encrypt(cipher, content_key, iv, content)
     encrypted_key = public_key.encrypt(content_key, _rsa_padding(transport))
-    recipient_info = cms.KeyTransRecipientInfo(
-        {
-            "version": "v0",
-            "rid": cms.RecipientIdentifier(name="issuer_and_serial_number", value=_issuer_and_serial(recipient)),
-            "key_encryption_algorithm": _key_transport_algorithm(transport),
-            "encrypted_key": encrypted_key,
-        }
+    recipient_info = der.sequence(
+        der.integer(0),
+        issuer_and_serial_der(recipient),
+        _key_transport_algorithm(transport),
+        der.octet_string(encrypted_key),
     )
-    enveloped = cms.EnvelopedData(
-        {
-            "version": "v0",
-            "recipient_infos": [cms.RecipientInfo(name="ktri", value=recipient_info)],
-            "encrypted_content_info": {
-                "content_type": "data",
-                "content_encryption_algorithm": {"algorithm": cipher.value, "parameters": core.OctetString(iv)},
-                "encrypted_content": ciphertext,
-            },
-        }
+    encrypted_content_info = der.sequence(
+        der.oid(OID_DATA),
+        der.sequence(der.oid(_CIPHER_OIDS[cipher]), der.octet_string(iv)),
+        der.context(0, ciphertext, constructed=False),
     )
-    return cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump()
+    enveloped = der.sequence(der.integer(0), der.set_of([recipient_info]), encrypted_content_info)
+    return der.sequence(der.oid(OID_ENVELOPED_DATA), der.context(0, enveloped))
 
 
 def _key_trans_recipient(enveloped: cms.EnvelopedData, ours: x509.Certificate) -> cms.KeyTransRecipientInfo:
@@ -500,9 +557,10 @@ def _key_transport(algorithm: cms.KeyEncryptionAlgorithm) -> KeyTransport:
     raise MessageError(FailInfo.BAD_ALG, f"key transport {name} is not supported")
 
 
-def _key_transport_algorithm(transport: KeyTransport) -> cms.KeyEncryptionAlgorithm:
+@lru_cache(maxsize=4)
+def _key_transport_algorithm(transport: KeyTransport) -> bytes:
     if transport is KeyTransport.RSA_PKCS1V15:
-        return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"})
+        return cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_pkcs1v15"}).dump()
     digest = "sha1" if transport is KeyTransport.RSA_OAEP_SHA1 else "sha256"
     return cms.KeyEncryptionAlgorithm(
         {
@@ -512,7 +570,7 @@ def _key_transport_algorithm(transport: KeyTransport) -> cms.KeyEncryptionAlgori
                 "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": digest}},
             },
         }
-    )
+    ).dump()
 
 
 def _rsa_padding(transport: KeyTransport) -> asym_padding.AsymmetricPadding:
@@ -556,61 +614,56 @@ def _cbc_decrypt(cipher: ContentCipher, key: bytes, iv: bytes, data: bytes) -> b
 def sign_message(
     signer: KeyHandle,
     digest_name: str,
-    scep_attributes: Iterable[cms.CMSAttribute],
+    scep_attributes: Iterable[bytes],
     content: bytes | None,
     extra_certificates: Iterable[x509.Certificate] = (),
 ) -> bytes:
     """Build a SignedData (DER ContentInfo) over `content` with SCEP signed attributes, signed by custody."""
     hash_class = HASHES.get(digest_name) or LEGACY_HASHES[digest_name]
-    attributes = cms.CMSAttributes(
-        [
-            cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
-            cms.CMSAttribute({"type": "signing_time", "values": [cms.Time(name="utc_time", value=_now())]}),
-            cms.CMSAttribute({"type": "message_digest", "values": [_hash(hash_class, content or b"")]}),
-            *scep_attributes,
-        ]
-    )
-    digest = _hash(hash_class, _as_set(attributes))
-    signature = signer.sign_digest(digest, digest_name)
+    attributes = [
+        der.attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
+        der.attribute(OID_SIGNING_TIME, der.utc_time(_now())),
+        der.attribute(OID_MESSAGE_DIGEST, der.octet_string(_hash(hash_class, content or b""))),
+        *scep_attributes,
+    ]
+    signed_attributes = der.set_of(attributes)
+    signature = signer.sign_digest(_hash(hash_class, signed_attributes), digest_name)
     signer_cert = signer.certificate
-    signer_info = cms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": cms.SignerIdentifier(name="issuer_and_serial_number", value=_issuer_and_serial(signer_cert)),
-            "digest_algorithm": {"algorithm": digest_name},
-            "signed_attrs": attributes,
-            "signature_algorithm": _signature_algorithm(signer_cert),
-            "signature": signature,
-        }
+    signer_info = der.sequence(
+        der.integer(1),
+        issuer_and_serial_der(signer_cert),
+        der.digest_algorithm(digest_name),
+        b"\xa0" + signed_attributes[1:],  # the same SET OF, sent as [0] IMPLICIT
+        _signature_algorithm(signer_cert, digest_name),
+        der.octet_string(signature),
     )
-    encap: dict = {"content_type": "data"}
+    encapsulated = der.oid(OID_DATA)
     if content is not None:
-        encap["content"] = content
-    certificates = [signer_cert, *extra_certificates]
-    signed = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [{"algorithm": digest_name}],
-            "encap_content_info": encap,
-            "certificates": [_asn1_certificate(c) for c in certificates],
-            "signer_infos": [signer_info],
-        }
+        encapsulated += der.context(0, der.octet_string(content))
+    return _signed_data(
+        [der.digest_algorithm(digest_name)], encapsulated, [signer_cert, *extra_certificates], [signer_info]
     )
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
 
 
 def certs_only(certificates: Iterable[x509.Certificate]) -> bytes:
     """A degenerate certs-only SignedData (DER ContentInfo)."""
-    signed = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [],
-            "encap_content_info": {"content_type": "data"},
-            "certificates": [_asn1_certificate(c) for c in certificates],
-            "signer_infos": [],
-        }
+    return _signed_data([], der.oid(OID_DATA), certificates, [])
+
+
+def _signed_data(
+    digest_algorithms: list[bytes],
+    encapsulated: bytes,
+    certificates: Iterable[x509.Certificate],
+    signer_infos: list[bytes],
+) -> bytes:
+    signed = der.sequence(
+        der.integer(1),
+        der.set_of(digest_algorithms),
+        der.sequence(encapsulated),
+        der.context(0, b"".join(sorted(_certificate_der(c) for c in certificates))),
+        der.set_of(signer_infos),
     )
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+    return der.sequence(der.oid(OID_SIGNED_DATA), der.context(0, signed))
 
 
 def read_certs_only(der: bytes) -> list[x509.Certificate]:
@@ -627,15 +680,11 @@ def read_certs_only(der: bytes) -> list[x509.Certificate]:
         raise MalformedMessage(f"not a certs-only SignedData: {_short(error)}") from None
 
 
-def scep_attribute(oid: str, value: core.Asn1Value) -> cms.CMSAttribute:
-    return cms.CMSAttribute({"type": oid, "values": [value]})
-
-
-def request_attributes(message_type: MessageType, transaction_id: str, sender_nonce: bytes) -> list:
+def request_attributes(message_type: MessageType, transaction_id: str, sender_nonce: bytes) -> list[bytes]:
     return [
-        scep_attribute(OID_MESSAGE_TYPE, core.PrintableString(str(int(message_type)))),
-        scep_attribute(OID_TRANSACTION_ID, core.PrintableString(transaction_id)),
-        scep_attribute(OID_SENDER_NONCE, core.OctetString(sender_nonce)),
+        der.attribute(OID_MESSAGE_TYPE, der.printable_string(str(int(message_type)))),
+        der.attribute(OID_TRANSACTION_ID, der.printable_string(transaction_id)),
+        der.attribute(OID_SENDER_NONCE, der.octet_string(sender_nonce)),
     ]
 
 
@@ -645,54 +694,47 @@ def cert_rep_attributes(
     recipient_nonce: bytes,
     fail_info: FailInfo | None = None,
     fail_info_text: str | None = None,
-) -> list:
+) -> list[bytes]:
     attributes = [
-        scep_attribute(OID_MESSAGE_TYPE, core.PrintableString(str(int(MessageType.CERT_REP)))),
-        scep_attribute(OID_PKI_STATUS, core.PrintableString(str(int(status)))),
-        scep_attribute(OID_TRANSACTION_ID, core.PrintableString(transaction_id)),
-        scep_attribute(OID_SENDER_NONCE, core.OctetString(os.urandom(16))),
-        scep_attribute(OID_RECIPIENT_NONCE, core.OctetString(recipient_nonce)),
+        der.attribute(OID_MESSAGE_TYPE, der.printable_string(str(int(MessageType.CERT_REP)))),
+        der.attribute(OID_PKI_STATUS, der.printable_string(str(int(status)))),
+        der.attribute(OID_TRANSACTION_ID, der.printable_string(transaction_id)),
+        der.attribute(OID_SENDER_NONCE, der.octet_string(os.urandom(16))),
+        der.attribute(OID_RECIPIENT_NONCE, der.octet_string(recipient_nonce)),
     ]
     if status is PkiStatus.FAILURE:
-        attributes.append(scep_attribute(OID_FAIL_INFO, core.PrintableString(str(int(fail_info or 0)))))
+        attributes.append(der.attribute(OID_FAIL_INFO, der.printable_string(str(int(fail_info or 0)))))
         if fail_info_text:
-            attributes.append(scep_attribute(OID_FAIL_INFO_TEXT, core.UTF8String(fail_info_text[:255])))
+            attributes.append(der.attribute(OID_FAIL_INFO_TEXT, der.utf8_string(fail_info_text[:255])))
     return attributes
 
 
 def issuer_and_serial_der(certificate: x509.Certificate) -> bytes:
-    return _issuer_and_serial(certificate).dump()
-
-
-class IssuerAndSubject(core.Sequence):
-    """The content of a CertPoll (RFC 8894 section 3.3.3)."""
-
-    _fields = [("issuer", asn1_x509.Name), ("subject", asn1_x509.Name)]
+    """IssuerAndSerialNumber of a certificate (the issuer Name exactly as the certificate encodes it)."""
+    return der.sequence(certificate.issuer.public_bytes(), der.integer(certificate.serial_number))
 
 
 def issuer_and_subject_der(issuer: x509.Name, subject: x509.Name) -> bytes:
-    return IssuerAndSubject(
-        {"issuer": asn1_x509.Name.load(issuer.public_bytes()), "subject": asn1_x509.Name.load(subject.public_bytes())}
-    ).dump()
+    """The content of a CertPoll (RFC 8894 section 3.3.3)."""
+    return der.sequence(issuer.public_bytes(), subject.public_bytes())
 
 
-def _issuer_and_serial(certificate: x509.Certificate) -> cms.IssuerAndSerialNumber:
-    return cms.IssuerAndSerialNumber(
-        {
-            "issuer": asn1_x509.Name.load(certificate.issuer.public_bytes()),
-            "serial_number": certificate.serial_number,
-        }
-    )
+_ECDSA_SIGNATURE_OIDS = {
+    "sha1": "1.2.840.10045.4.1",
+    "sha256": "1.2.840.10045.4.3.2",
+    "sha384": "1.2.840.10045.4.3.3",
+    "sha512": "1.2.840.10045.4.3.4",
+}
 
 
-def _signature_algorithm(certificate: x509.Certificate) -> dict:
+def _signature_algorithm(certificate: x509.Certificate, digest_name: str) -> bytes:
     if isinstance(certificate.public_key(), ec.EllipticCurvePublicKey):
-        return {"algorithm": "ecdsa"}
-    return {"algorithm": "rsassa_pkcs1v15"}
+        return der.sequence(der.oid(_ECDSA_SIGNATURE_OIDS[digest_name]))
+    return der.sequence(der.oid(OID_RSA_ENCRYPTION), der.NULL)
 
 
-def _asn1_certificate(certificate: x509.Certificate) -> asn1_x509.Certificate:
-    return asn1_x509.Certificate.load(certificate.public_bytes(Encoding.DER))
+def _certificate_der(certificate: x509.Certificate) -> bytes:
+    return certificate.public_bytes(Encoding.DER)
 
 
 def _hash(hash_class: type[hashes.HashAlgorithm], data: bytes) -> bytes:

@@ -116,6 +116,10 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        # Threads of one process queue here instead of in SQLite's busy handler, which sleeps in steps of
+        # milliseconds; processes still meet at the database lock.
+        self._write_lock = threading.Lock()
+        self._write_lock_pid = os.getpid()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._create_schema()
@@ -136,6 +140,7 @@ class SqliteStore:
         connection.execute("PRAGMA synchronous = FULL")
         local.connection = connection
         local.pid = os.getpid()
+        local.durable = True
         return connection
 
     def close(self) -> None:
@@ -146,16 +151,28 @@ class SqliteStore:
         self._local.connection = None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. durable=False skips the fsync (WAL, synchronous=NORMAL): the commit survives a
+        crash of the process, not of the machine; used where losing it is harmless (a claim, a failure)."""
         connection = self._connection()
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield connection
-            connection.execute("COMMIT")
-        except BaseException:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
+        if self._local.durable != durable:
+            connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._local.durable = durable
+        with self._process_write_lock():
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+
+    def _process_write_lock(self) -> threading.Lock:
+        if self._write_lock_pid != os.getpid():  # a lock inherited across fork() may be held by a dead thread
+            self._write_lock = threading.Lock()
+            self._write_lock_pid = os.getpid()
+        return self._write_lock
 
     def _create_schema(self) -> None:
         with self._write() as connection:
@@ -175,7 +192,7 @@ class SqliteStore:
 
         Only safe when no worker uses the file, i.e. when `scep serve` starts, before it forks."""
         try:
-            with self._write() as connection:
+            with self._write(durable=False) as connection:
                 cursor = connection.execute(_RELEASE_ABANDONED, (_now_text(),))
                 return cursor.rowcount
         except sqlite3.Error as error:
@@ -187,7 +204,7 @@ class SqliteStore:
         now = time.time()
         token = secrets.token_hex(16)
         try:
-            with self._write() as connection:
+            with self._write(durable=False) as connection:
                 row = connection.execute(_SELECT_TX, (transaction_id,)).fetchone()
                 if row is None:
                     stamp = _now_text()
@@ -234,7 +251,7 @@ class SqliteStore:
     def record_failed(self, claim: Claim, fail_info: int, reason: str) -> None:
         token = _claimed_token(claim)
         try:
-            with self._write() as connection:
+            with self._write(durable=False) as connection:
                 finished = connection.execute(
                     _FINISH_FAILED,
                     (int(fail_info), reason[:MAX_REASON_CHARS], _now_text(), claim.transaction_id, token),
