@@ -429,6 +429,9 @@ def compare(runs: list[dict], concurrency_levels: tuple[int, ...]) -> list[dict]
                 "concurrency": concurrency,
                 "ratio": ratio,
                 "ratio_replies": _ratio(product["replies_per_second"], micromdm["replies_per_second"]),
+                "ratio_unique": _ratio(
+                    product["unique_enrollments_per_second"], micromdm["unique_enrollments_per_second"]
+                ),
                 "product_clean": clean,
                 "micromdm_errors": micromdm["errors"],
                 "micromdm_duplicate_serials": micromdm["duplicate_serials"],
@@ -481,6 +484,7 @@ _COLUMNS = (
     ("c", "concurrency", "{:>3}"),
     ("server", "server", "{:<9}"),
     ("enrol/s", "enrollments_per_second", "{:>8.1f}"),
+    ("unique-serial enrol/s", "unique_enrollments_per_second", "{:>8.1f}"),
     ("replies/s", "replies_per_second", "{:>9.1f}"),
     ("p50 ms", "p50_ms", "{:>7.1f}"),
     ("p99 ms", "p99_ms", "{:>7.1f}"),
@@ -518,7 +522,8 @@ def format_verdicts(verdicts: list[dict]) -> str:
             state = "UNDETERMINED (no verified micromdm enrollment)"
         lines.append(
             f"concurrency {verdict['concurrency']}: product/micromdm = {verdict['ratio']:.2f}x enrollments/s "
-            f"({verdict['ratio_replies']:.2f}x replies/s); product errors+duplicates "
+            f"({verdict['ratio_replies']:.2f}x replies/s, {verdict['ratio_unique']:.2f}x unique-serial enrollments/s); "
+            "product errors+duplicates "
             f"{'none' if verdict['product_clean'] else 'PRESENT'}; micromdm errors {verdict['micromdm_errors']}, "
             f"duplicate serials {verdict['micromdm_duplicate_serials']}; floor {FLOOR_RATIO:g}x: {state}"
         )

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from scep.issuer import ca_certificate, is_ca_certificate, ra_certificate
 from scep.keys import KeyHome, KeySpec, Slot
 
 DEFAULT_CA_SUBJECT = "CN=SCEP Root CA,O=scep-intune-ca"
 DEFAULT_RA_SUBJECT = "CN=SCEP RA,O=scep-intune-ca"
-RA_SPEC = KeySpec(kty="RSA", size=2048)
+RA_MIN_RSA_BITS = 2048
 
 
 class LifecycleError(Exception):
@@ -72,11 +73,20 @@ def issue_ra(home: KeyHome, subject: str = DEFAULT_RA_SUBJECT, days: int = 730) 
     if not home.exists(Slot.CA):
         raise LifecycleError("there is no CA: run `scep ca init` first")
     ca = home.handle(Slot.CA)
-    pending = home.begin(Slot.RA, RA_SPEC, parse_subject(subject))
+    pending = home.begin(Slot.RA, ra_spec(ca.certificate, home), parse_subject(subject))
     public_key = serialization.load_der_public_key(pending.public_key_der)
     certificate = ra_certificate(parse_subject(subject), public_key, ca, days)
     home.complete(Slot.RA, certificate, [])
     return certificate
+
+
+def ra_spec(ca: x509.Certificate, home: KeyHome) -> KeySpec:
+    """The RA is as strong as the CA: RSA (SCEP key transport needs it) of the CA's size, at least 2048 bits,
+    in an HSM when the CA key is."""
+    public_key = ca.public_key()
+    size = public_key.key_size if isinstance(public_key, rsa.RSAPublicKey) else RA_MIN_RSA_BITS
+    hardware = any(info.hardware for info in home.inventory() if info.slot is Slot.CA)
+    return KeySpec(kty="RSA", size=max(size, RA_MIN_RSA_BITS), hsm=hardware)
 
 
 def rollover(home: KeyHome, options: CaOptions) -> x509.Certificate:

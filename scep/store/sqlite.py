@@ -7,6 +7,7 @@ Write transactions start with BEGIN IMMEDIATE, so a claim is one atomic read-dec
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
@@ -116,10 +117,11 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
-        # Threads of one process queue here instead of in SQLite's busy handler, which sleeps in steps of
-        # milliseconds; processes still meet at the database lock.
+        # Writers queue on a thread lock and a file lock instead of in SQLite's busy handler, which sleeps in
+        # steps of milliseconds and leaves the CPUs idle while worker processes wait for each other.
         self._write_lock = threading.Lock()
         self._write_lock_pid = os.getpid()
+        self._lock_file: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._create_schema()
@@ -158,7 +160,7 @@ class SqliteStore:
         if self._local.durable != durable:
             connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._local.durable = durable
-        with self._process_write_lock():
+        with self._writer_turn():
             connection.execute("BEGIN IMMEDIATE")
             try:
                 yield connection
@@ -168,11 +170,20 @@ class SqliteStore:
                     connection.execute("ROLLBACK")
                 raise
 
-    def _process_write_lock(self) -> threading.Lock:
-        if self._write_lock_pid != os.getpid():  # a lock inherited across fork() may be held by a dead thread
+    @contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        if self._write_lock_pid != os.getpid():  # locks inherited across fork() belong to the parent
             self._write_lock = threading.Lock()
             self._write_lock_pid = os.getpid()
-        return self._write_lock
+            self._lock_file = None
+        with self._write_lock:
+            if self._lock_file is None:
+                self._lock_file = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def _create_schema(self) -> None:
         with self._write() as connection:
