@@ -215,7 +215,7 @@ class ScepService:
                 certificate,
                 claim.transaction_id,
                 keys.ca.certificate,
-                CertStatus.UNDELIVERED if notify else CertStatus.ISSUED,
+                CertStatus.CONFIRMING if notify else CertStatus.ISSUED,
             )
             try:
                 self.store.record_issued(claim, record)
@@ -241,10 +241,17 @@ class ScepService:
     def _deliver_again(self, keys: CaKeys, request: msg.PkiMessage, envelope: msg.Envelope, claim: Claim) -> Reply:
         record = claim.certificate
         assert record is not None
+        if record.status is CertStatus.CONFIRMING and not self._confirmation_abandoned(record):
+            return self._pending(keys, request)  # the validator is still being told: the client polls
         if record.status is not CertStatus.ISSUED:
             return self._fail(keys, request, FailInfo.BAD_REQUEST, "the certificate of this transaction was withheld")
         log.info("transaction %s retransmitted: same certificate %x", request.transaction_id, record.serial)
         return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
+
+    def _confirmation_abandoned(self, record: IssuedCertificate) -> bool:
+        """A confirmation older than a lease was cut off (a crash while telling the validator): withheld for good."""
+        issued_at = record.not_before + self.options.profile.backdate
+        return datetime.now(timezone.utc) - issued_at > LEASE
 
     def _poll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
         envelope = self._envelope(keys, request)  # its IssuerAndSubject adds nothing: the transactionID identifies it
@@ -252,8 +259,11 @@ class ScepService:
         if state is TxState.PROCESSING:
             return self._pending(keys, request)
         record = self.store.certificate_for_transaction(request.transaction_id)
-        if state is TxState.ISSUED and record is not None and record.status is CertStatus.ISSUED:
-            return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
+        if state is TxState.ISSUED and record is not None:
+            if record.status is CertStatus.CONFIRMING and not self._confirmation_abandoned(record):
+                return self._pending(keys, request)
+            if record.status is CertStatus.ISSUED:
+                return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
         return self._fail(keys, request, FailInfo.BAD_CERT_ID, "no certificate was issued for this transaction")
 
     def _get_cert(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:

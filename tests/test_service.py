@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import threading
@@ -362,3 +363,25 @@ def test_custody_failure_is_a_signed_failure_and_can_be_retried(ca_dir, tmp_path
     healthy = ScepService(LocalHome(ca_dir), store, StaticValidator(CHALLENGE), ServiceOptions())
     retried, _ = enroll(healthy, key, transaction_id=enrollment.transaction_id)
     assert retried.status is PkiStatus.SUCCESS
+
+
+def test_retransmission_while_the_validator_is_being_told_gets_pending(make_service, keys):
+    """A device that resends while Intune hears of its certificate polls, then gets the certificate."""
+    service_holder = {}
+
+    class SlowToConfirm(RecordingValidator):
+        def notify_success(self, request, certificate):
+            resent = dataclasses.replace(enrollment, sender_nonce=os.urandom(16))
+            self.during = send(service_holder["service"], resent)
+            super().notify_success(request, certificate)
+
+    validator = SlowToConfirm()
+    service = service_holder["service"] = make_service(validator)
+    key = keys.new()
+    ra, _ = ra_and_ca(service)
+    enrollment = new_enrollment(key, make_csr(key, "patient", "anything"))
+    first = read_reply(service.pki_operation(build_request(enrollment, ra, RequestOptions())).der, enrollment, ra)
+    assert validator.during.status is PkiStatus.PENDING
+    assert first.status is PkiStatus.SUCCESS
+    enrollment.sender_nonce = os.urandom(16)
+    assert send(service, enrollment).certificate == first.certificate

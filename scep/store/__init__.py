@@ -28,6 +28,7 @@ class TxState(str, Enum):
 
 class CertStatus(str, Enum):
     ISSUED = "issued"  # delivered (or deliverable) to the device
+    CONFIRMING = "confirming"  # signed and recorded, waiting for the validator (Intune) to acknowledge it
     UNDELIVERED = "undelivered"  # signed and recorded, withheld from the device (to be revoked)
 
 
@@ -80,7 +81,7 @@ class Store(Protocol):
     def mark_undelivered(self, serial: int) -> None: ...
 
     def mark_delivered(self, serial: int) -> None:
-        """Flip a certificate recorded as UNDELIVERED to ISSUED (after the validator confirmed it)."""
+        """Flip a certificate recorded as CONFIRMING to ISSUED (after the validator acknowledged it)."""
         ...
 
     def certificate_by_serial(self, serial: int) -> IssuedCertificate | None: ...
