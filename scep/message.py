@@ -149,6 +149,10 @@ def parse_pki_message(der: bytes, allow_legacy: bool = False) -> PkiMessage:
     except MessageError as error:
         error.attributes = partial
         raise
+    except Exception as error:  # asn1crypto parses lazily: a damaged field surfaces as it is read
+        failure = MessageError(FailInfo.BAD_MESSAGE_CHECK, f"unreadable message: {_short(error)}")
+        failure.attributes = partial
+        raise failure from None
     return PkiMessage(
         message_type=partial.message_type,
         transaction_id=partial.transaction_id,

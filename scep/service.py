@@ -98,6 +98,8 @@ class ScepService:
                 error.fail_info,
                 error.reason,
             )
+        except Exception as error:  # whatever a hostile message makes a parser raise, it is still malformed
+            raise msg.MalformedMessage(f"unreadable message ({type(error).__name__})") from None
         try:
             return self._dispatch(keys, request)
         except msg.MessageError as error:
