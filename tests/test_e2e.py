@@ -186,3 +186,20 @@ def test_hard_kill_loses_nothing_and_never_issues_twice(keys, tmp_path):
         assert len(issued) == 1
         assert int(issued[0], 16) == certificate.serial_number
     assert len({row[1] for row in rows}) == len(rows)
+
+
+def test_embedded_defaults_from_nothing(keys, tmp_path):
+    """`scep serve` with no settings at all: creates its data directory, generates and prints a challenge."""
+    data_dir = tmp_path / "fresh"
+    with ScepServer(env={}, workers=1, data_dir=data_dir) as server:
+        banner = server.stdout
+        challenge = next(line.split()[1] for line in banner.splitlines() if line.startswith("Challenge:"))
+        assert "SCEP URL:    " + server.scep_url in banner and "CA SHA-256:" in banner
+        assert oct(data_dir.stat().st_mode & 0o777) == "0o700"
+        for key_file in ("ca.key", "ra.key"):
+            assert oct((data_dir / key_file).stat().st_mode & 0o777) == "0o600"
+        client = ScepClient(server.scep_url)
+        ra, _ = client.ca_certificates()
+        key = keys.new()
+        result = client.enroll(new_enrollment(key, make_csr(key, "first-device", challenge)), ra)
+        assert result.status is PkiStatus.SUCCESS
