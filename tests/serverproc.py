@@ -45,7 +45,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _hermetic_environment(overrides: Mapping[str, str]) -> dict[str, str]:
+def hermetic_environment(overrides: Mapping[str, str]) -> dict[str, str]:
     environment = {name: value for name, value in os.environ.items() if not name.startswith("SCEP_")}
     environment["PYTHONUNBUFFERED"] = "1"
     environment.update(overrides)
@@ -141,7 +141,7 @@ class ScepServer:
         ]
 
     def environment(self) -> dict[str, str]:
-        return _hermetic_environment({"SCEP_DATA_DIR": str(self.data_dir), **self._extra_env})
+        return hermetic_environment({"SCEP_DATA_DIR": str(self.data_dir), **self._extra_env})
 
     def start(self) -> ScepServer:
         if self.running:

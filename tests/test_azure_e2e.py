@@ -22,7 +22,7 @@ from tests.emulators.entra import EntraEmulator
 from tests.emulators.keyvault import KeyVaultEmulator
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
-from tests.serverproc import REPO_ROOT, ScepServer, _hermetic_environment
+from tests.serverproc import REPO_ROOT, ScepServer, hermetic_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def cloud(azurite):
 def scep_cli(environment: dict[str, str], *arguments: str) -> str:
     completed = subprocess.run(
         [sys.executable, "-m", "scep.cli", *arguments],
-        cwd=REPO_ROOT, env=_hermetic_environment(environment), capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, env=hermetic_environment(environment), capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, f"scep {' '.join(arguments)}:\n{completed.stdout}\n{completed.stderr}"
     return completed.stdout

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -21,7 +23,7 @@ from scep.store.sqlite import SqliteStore
 from tests.emulators.intune import running_intune
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
-from tests.serverproc import ScepServer
+from tests.serverproc import REPO_ROOT, ScepServer, hermetic_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -135,3 +137,25 @@ def test_success_notification_failure_withholds_the_certificate(intune_server, k
     assert result.status is PkiStatus.FAILURE
     record = SqliteStore(server.data_dir / "scep.db").certificate_for_transaction(enrollment.transaction_id)
     assert record is not None and record.status is CertStatus.UNDELIVERED
+
+
+def _cli(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scep.cli", *arguments],
+        cwd=REPO_ROOT, env=hermetic_environment(environment), capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_intune_check_command(intune_server, tmp_path):
+    bed, _ = intune_server
+    environment = {**bed.environment(), "SCEP_DATA_DIR": str(tmp_path)}
+    working = _cli(environment, "intune", "check")
+    assert working.returncode == 0, working.stdout + working.stderr
+    assert bed.client_id not in working.stderr and bed.secret not in working.stdout + working.stderr
+    bed.intune.refuse_credentials(bed.client_id)
+    try:
+        refused = _cli(environment, "intune", "check")
+    finally:
+        bed.entra.accept(bed.client_id)
+    assert refused.returncode == 1
+    assert bed.secret not in refused.stdout + refused.stderr
