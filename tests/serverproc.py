@@ -52,6 +52,14 @@ def hermetic_environment(overrides: Mapping[str, str]) -> dict[str, str]:
     return environment
 
 
+def run_cli(environment: Mapping[str, str], *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a `scep` command (`python -m scep.cli ...`) from the repository with only the given SCEP_ settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "scep.cli", *arguments],
+        cwd=REPO_ROOT, env=hermetic_environment(environment), capture_output=True, text=True, timeout=timeout,
+    )
+
+
 class ScepServer:
     """A `scep serve` subprocess; use as a context manager or call start()/close() yourself."""
 

@@ -4,8 +4,6 @@ Table store (Azurite), a real SCEP client (strongSwan), the Key Vault operation 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +20,7 @@ from tests.emulators.entra import EntraEmulator
 from tests.emulators.keyvault import KeyVaultEmulator
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
-from tests.serverproc import REPO_ROOT, ScepServer, hermetic_environment
+from tests.serverproc import ScepServer, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -47,10 +45,7 @@ def cloud(azurite):
 
 
 def scep_cli(environment: dict[str, str], *arguments: str) -> str:
-    completed = subprocess.run(
-        [sys.executable, "-m", "scep.cli", *arguments],
-        cwd=REPO_ROOT, env=hermetic_environment(environment), capture_output=True, text=True, timeout=120,
-    )
+    completed = run_cli(environment, *arguments)
     assert completed.returncode == 0, f"scep {' '.join(arguments)}:\n{completed.stdout}\n{completed.stderr}"
     return completed.stdout
 

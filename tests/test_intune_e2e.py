@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -23,7 +21,7 @@ from scep.store.sqlite import SqliteStore
 from tests.emulators.intune import running_intune
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
-from tests.serverproc import REPO_ROOT, ScepServer, hermetic_environment
+from tests.serverproc import ScepServer, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -139,22 +137,15 @@ def test_success_notification_failure_withholds_the_certificate(intune_server, k
     assert record is not None and record.status is CertStatus.UNDELIVERED
 
 
-def _cli(environment: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "scep.cli", *arguments],
-        cwd=REPO_ROOT, env=hermetic_environment(environment), capture_output=True, text=True, timeout=120,
-    )
-
-
 def test_intune_check_command(intune_server, tmp_path):
     bed, _ = intune_server
     environment = {**bed.environment(), "SCEP_DATA_DIR": str(tmp_path)}
-    working = _cli(environment, "intune", "check")
+    working = run_cli(environment, "intune", "check")
     assert working.returncode == 0, working.stdout + working.stderr
     assert bed.client_id not in working.stderr and bed.secret not in working.stdout + working.stderr
     bed.intune.refuse_credentials(bed.client_id)
     try:
-        refused = _cli(environment, "intune", "check")
+        refused = run_cli(environment, "intune", "check")
     finally:
         bed.entra.accept(bed.client_id)
     assert refused.returncode == 1
