@@ -195,7 +195,7 @@ class ScepService:
             "transaction %s issued serial %x to %s",
             request.transaction_id,
             issued.serial_number,
-            issued.subject.rfc4514_string(),
+            issued.subject,  # formatted only when the log level lets the line through
         )
         return self._success(keys, request, envelope, issued)
 
