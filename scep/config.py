@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.x509 import ObjectIdentifier
+
 from scep.ca import CaOptions, init_root
 from scep.challenge import ChallengeValidator
 from scep.challenge.static import StaticValidator
@@ -157,8 +159,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if "intune" in modes:
         _check_intune_settings(settings)
     if settings.store_kind == "tables" and not _tables_source(settings):
-        raise ConfigError("SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
-                          "or SCEP_TABLES_CONNECTION_STRING")
+        raise ConfigError(
+            "SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
+            "or SCEP_TABLES_CONNECTION_STRING"
+        )
     return settings
 
 
@@ -174,8 +178,6 @@ def _check_intune_settings(settings: Settings) -> None:
 
 
 def allowed_ekus(settings: Settings) -> frozenset:
-    from cryptography.x509 import ObjectIdentifier
-
     found = set()
     for item in (part.strip() for part in settings.get("SCEP_ALLOWED_EKUS").split(",")):
         if not item:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from scep import config
@@ -62,19 +63,36 @@ def _check_certificates(keys: CaKeys) -> Iterator[Finding]:
             yield Finding(False, f"{role} certificate expires in {remaining.days} days: run {action}")
         else:
             until = f"{certificate.not_valid_after_utc:%Y-%m-%d}"
-            yield Finding(True, f"{role} {certificate.subject.rfc4514_string()} valid until {until} "
-                                f"(SHA-256 {fingerprint(certificate)[:16]}…)")
+            yield Finding(
+                True,
+                f"{role} {certificate.subject.rfc4514_string()} valid until {until} "
+                f"(SHA-256 {fingerprint(certificate)[:16]}…)",
+            )
     ca, ra = keys.ca.certificate, keys.ra.certificate
     if not is_ca_certificate(ca):
         yield Finding(False, "the CA certificate lacks basicConstraints CA:true: re-run `scep ca init --force`")
-    try:
-        ra.verify_directly_issued_by(ca)
+    if _issued_by(ra, ca):
         yield Finding(True, "RA is issued by the current CA")
-    except (ValueError, TypeError, Exception):
+    else:
         yield Finding(False, "the RA was not issued by the current CA: run `scep ca ra issue`")
+    if keys.chain:
+        chained = _issued_by(ca, keys.chain[0]) and all(map(_issued_by, keys.chain, keys.chain[1:]))
+        yield Finding(
+            chained,
+            f"subordinate CA chain of {len(keys.chain)} certificate(s) "
+            + ("verifies" if chained else "does not verify: re-run `scep ca import` with the right chain"),
+        )
     usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
     if not (usage.digital_signature and usage.key_encipherment):
         yield Finding(False, "the RA lacks digitalSignature + keyEncipherment: run `scep ca ra issue`")
+
+
+def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
 
 
 def _check_key_operations(keys: CaKeys) -> Iterator[Finding]:

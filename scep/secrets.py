@@ -77,11 +77,3 @@ class SecretReader:
         with self._lock:
             self._values[name] = secret.value
         return secret.value
-
-    def forget(self, name: str | None = None) -> None:
-        """Drop one cached value (or all of them)."""
-        with self._lock:
-            if name is None:
-                self._values.clear()
-            else:
-                self._values.pop(name, None)

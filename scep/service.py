@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AttributeOID
 
 from scep import message as msg
-from scep.challenge import ChallengeValidator, EnrollmentRequest, NotificationFailed, Verdict
+from scep.challenge import ChallengeValidator, EnrollmentRequest, HResult, NotificationFailed, Verdict
 from scep.issuer import PolicyError, Profile, device_certificate, is_ca_certificate, random_serial
 from scep.keys import CaKeys, Custody, CustodyError
 from scep.protocol import CAPABILITIES_BASE, FailInfo, MessageType, PkiStatus
@@ -29,9 +29,6 @@ log = logging.getLogger("scep.service")
 
 LEASE = timedelta(seconds=60)
 SERIAL_ATTEMPTS = 3
-# HRESULTs reported to the validator (Intune failureNotification) when issuance fails after validation.
-HRESULT_POLICY = 0x80094800  # CERTSRV_E_UNSUPPORTED_CERT_TYPE: the request asks for what the profile refuses
-HRESULT_INTERNAL = 0x80004005  # E_FAIL: custody or store failure while issuing
 
 
 @dataclass(frozen=True)
@@ -171,11 +168,11 @@ class ScepService:
         try:
             issued = self._sign_and_record(keys, enrollment, claim, validator.requires_notification)
         except PolicyError as error:
-            validator.notify_failure(enrollment, HRESULT_POLICY, error.reason)
+            validator.notify_failure(enrollment, HResult.CERTSRV_E_UNSUPPORTED_CERT_TYPE, error.reason)
             self.store.record_failed(claim, int(error.fail_info), error.reason)
             return self._fail(keys, request, error.fail_info, error.reason)
         except (CustodyError, StoreError) as error:
-            validator.notify_failure(enrollment, HRESULT_INTERNAL, "the CA could not issue the certificate")
+            validator.notify_failure(enrollment, HResult.E_FAIL, "the CA could not issue the certificate")
             self._record_failed_quietly(claim, str(error))
             raise
         try:

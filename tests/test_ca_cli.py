@@ -109,6 +109,9 @@ def test_subordinate_ca(data_dir, tmp_path, capsys):
     keys = LocalHome(data_dir).keys()
     assert keys.ca.certificate == signed and keys.chain == (root,)
     keys.ra.certificate.verify_directly_issued_by(signed)
+    capsys.readouterr()
+    assert main(["doctor"]) == 0
+    assert "[ok] subordinate CA chain of 1 certificate(s) verifies" in capsys.readouterr().out
 
 
 def test_doctor(data_dir, capsys):

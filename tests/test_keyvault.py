@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from scep.intune import SecretSource
 from scep.keys import CustodyError, KeyHandle, KeySpec, KeyTransport, SignaturePadding, Slot
-from scep.keys.azure_credentials import build_app_credential, build_credential, needs_instance_discovery_disabled
+from scep.keys.azure_credentials import build_credential, needs_instance_discovery_disabled
 from scep.keys.keyvault import KeyVaultHome
 from scep.secrets import SecretError, SecretReader
 from tests.emulators.entra import DEFAULT_TENANT, EntraEmulator, TokenError, b64url_decode, b64url_encode
@@ -559,63 +559,6 @@ def test_instance_discovery_is_disabled_for_the_emulator(entra: EntraEmulator) -
     assert needs_instance_discovery_disabled({"AZURE_AUTHORITY_HOST": entra.url})
     assert not needs_instance_discovery_disabled({"AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com"})
     assert not needs_instance_discovery_disabled({})
-
-
-def test_app_credential_with_client_secret(entra: EntraEmulator) -> None:
-    client_id = str(uuid.uuid4())
-    entra.register_client(DEFAULT_TENANT, client_id, secret="s3cret", roles={VAULT_RESOURCE: ["reader"]})
-    credential = build_app_credential(DEFAULT_TENANT, client_id, client_secret="s3cret")
-    claims = entra.verify_token(credential.get_token(f"{VAULT_RESOURCE}/.default").token, VAULT_RESOURCE)
-    assert claims["appid"] == client_id and claims["roles"] == ["reader"] and claims["tid"] == DEFAULT_TENANT
-    wrong = build_app_credential(DEFAULT_TENANT, client_id, client_secret="wrong")
-    from azure.core.exceptions import ClientAuthenticationError
-
-    with pytest.raises(ClientAuthenticationError, match="AADSTS7000215"):
-        wrong.get_token(f"{VAULT_RESOURCE}/.default")
-
-
-def test_app_credential_with_certificate(entra: EntraEmulator, tmp_path) -> None:  # noqa: ANN001
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(_name("app"))
-        .issuer_name(_name("app"))
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp_path / "app.pem"
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        + certificate.public_bytes(serialization.Encoding.PEM)
-    )
-    client_id = str(uuid.uuid4())
-    entra.register_client(DEFAULT_TENANT, client_id, certificate=certificate)
-    credential = build_app_credential(DEFAULT_TENANT, client_id, certificate_path=str(path))
-    token = credential.get_token("https://api.manage.microsoft.com//.default").token
-    assert entra.verify_token(token, "https://api.manage.microsoft.com/")["appid"] == client_id
-
-
-def test_app_credential_federated_from_managed_identity(entra: EntraEmulator) -> None:
-    client_id = str(uuid.uuid4())
-    entra.register_client(DEFAULT_TENANT, client_id, federated_subjects=[PRINCIPAL])
-    credential = build_app_credential(DEFAULT_TENANT, client_id, managed_identity_client_id=MANAGED_IDENTITY)
-    issued = entra.tokens_issued_to(client_id)
-    token = credential.get_token(f"{VAULT_RESOURCE}/.default").token
-    assert entra.verify_token(token, VAULT_RESOURCE)["appid"] == client_id
-    assert entra.tokens_issued_to(client_id) == issued + 1
-
-    stranger = str(uuid.uuid4())
-    entra.register_client(DEFAULT_TENANT, stranger, federated_subjects=["someone-else"])
-    from azure.core.exceptions import ClientAuthenticationError
-
-    with pytest.raises(ClientAuthenticationError, match="federated"):
-        build_app_credential(DEFAULT_TENANT, stranger, managed_identity_client_id=MANAGED_IDENTITY).get_token(
-            f"{VAULT_RESOURCE}/.default"
-        )
 
 
 def test_verify_token_rejects_wrong_audience_expired_and_revoked(entra: EntraEmulator) -> None:

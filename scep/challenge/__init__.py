@@ -4,11 +4,22 @@ challenge and by Intune's validation service."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol
 
 from cryptography import x509
 
 from scep.protocol import FailInfo
+
+
+class HResult(IntEnum):
+    """The HRESULTs this CA reports to Intune in failureNotification (shown in the Intune admin center).
+
+    Standard Windows codes, so administrators can look them up; docs/intune.md explains when each is sent.
+    """
+
+    E_FAIL = 0x80004005  # the CA could not issue (key custody or store failure; step-ca signing failure)
+    CERTSRV_E_UNSUPPORTED_CERT_TYPE = 0x80094800  # the request asks for what the issuance profile refuses
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
-from urllib.parse import urlsplit
 
 from azure.core.credentials import AccessToken, TokenCredential
 from azure.core.exceptions import ClientAuthenticationError
 
+from scep.challenge import HResult
 from scep.intune.client import (
     ERROR_CODES,
     KNOWN_CODES,
@@ -35,6 +34,7 @@ from scep.intune.client import (
     IntuneSettings,
     RetryPolicy,
 )
+from scep.keys.azure_credentials import authority_options
 from scep.secrets import SecretReader
 
 logger = logging.getLogger("scep.intune")
@@ -62,16 +62,6 @@ __all__ = [
     "build_intune_credential",
     "key_vault_secret_source",
 ]
-
-
-class HResult(IntEnum):
-    """The HRESULTs this CA reports to Intune in failureNotification (shown in the Intune admin center).
-
-    Standard Windows codes, so administrators can look them up; docs/intune.md explains when each is sent.
-    """
-
-    E_FAIL = 0x80004005  # the CA could not issue (key custody or store failure; step-ca signing failure)
-    CERTSRV_E_UNSUPPORTED_CERT_TYPE = 0x80094800  # the request asks for what the issuance profile refuses
 
 
 # Secrets that can change without a restart
@@ -192,7 +182,7 @@ def build_intune_credential(
     """
     from azure.identity import CertificateCredential, ClientAssertionCredential, ManagedIdentityCredential
 
-    authority = _authority_options(settings.authority_host)
+    authority = authority_options(settings.authority_host)
     if settings.auth is AuthMode.SECRET:
         if secret_source is None:
             raise IntuneConfigError("INTUNE_CLIENT_SECRET", "INTUNE_AUTH=secret needs a client secret")
@@ -223,13 +213,6 @@ def _client_id(settings: IntuneSettings) -> str:
     if not settings.client_id:
         raise IntuneConfigError("INTUNE_CLIENT_ID", f"required with INTUNE_AUTH={settings.auth.value}")
     return settings.client_id
-
-
-def _authority_options(authority_host: str) -> dict[str, Any]:
-    # MSAL's instance discovery asks login.microsoftonline.com about the authority: for any other host
-    # (sovereign clouds, private endpoints, emulators) it must stay off so nothing reaches the public cloud.
-    host = (urlsplit(authority_host).hostname or "").lower()
-    return {"authority": authority_host, "disable_instance_discovery": host != "login.microsoftonline.com"}
 
 
 def build_intune_client(settings: Any) -> IntuneClient:

@@ -17,8 +17,6 @@ from urllib.parse import urlparse
 
 from azure.core.credentials import TokenCredential
 
-TOKEN_EXCHANGE_SCOPE = "api://AzureADTokenExchange/.default"
-
 MICROSOFT_AUTHORITY_HOSTS = frozenset(
     {
         "login.microsoftonline.com",
@@ -50,14 +48,17 @@ def needs_instance_discovery_disabled(environ: Mapping[str, str] | None = None) 
     return authority is not None and _host_name(authority) not in MICROSOFT_AUTHORITY_HOSTS
 
 
+def authority_options(authority: str) -> dict[str, Any]:
+    """azure-identity keyword arguments for an Entra authority, with instance discovery off for unknown hosts."""
+    options: dict[str, Any] = {"authority": authority}
+    if _host_name(authority) not in MICROSOFT_AUTHORITY_HOSTS:
+        options["disable_instance_discovery"] = True
+    return options
+
+
 def _authority_kwargs(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
     authority = authority_host(environ)
-    if authority is not None:
-        kwargs["authority"] = authority
-    if needs_instance_discovery_disabled(environ):
-        kwargs["disable_instance_discovery"] = True
-    return kwargs
+    return authority_options(authority) if authority is not None else {}
 
 
 def build_credential(client_id: str | None = None) -> TokenCredential:
@@ -71,38 +72,3 @@ def build_credential(client_id: str | None = None) -> TokenCredential:
         kwargs["managed_identity_client_id"] = chosen_client_id
         kwargs["workload_identity_client_id"] = chosen_client_id
     return DefaultAzureCredential(**kwargs)
-
-
-def build_app_credential(
-    tenant_id: str,
-    app_client_id: str,
-    *,
-    client_secret: str | None = None,
-    certificate_path: str | None = None,
-    managed_identity_client_id: str | None = None,
-) -> TokenCredential:
-    """Credential of an Entra application registration (for example the one Intune grants SCEP rights to).
-
-    Exactly one way to prove the app's identity is used, in this order: a client secret, a certificate
-    (PEM or PKCS#12 file with its private key), or a managed identity trusted as the app's federated
-    credential (no secret at all: the identity's token for api://AzureADTokenExchange is the assertion).
-    """
-    from azure.identity import (
-        CertificateCredential,
-        ClientAssertionCredential,
-        ClientSecretCredential,
-        ManagedIdentityCredential,
-    )
-
-    kwargs = _authority_kwargs()
-    if client_secret:
-        return ClientSecretCredential(tenant_id, app_client_id, client_secret, **kwargs)
-    if certificate_path:
-        return CertificateCredential(tenant_id, app_client_id, certificate_path=certificate_path, **kwargs)
-    identity = ManagedIdentityCredential(client_id=managed_identity_client_id or os.environ.get("AZURE_CLIENT_ID"))
-
-    def exchange_token() -> str:
-        return identity.get_token(TOKEN_EXCHANGE_SCOPE).token
-
-    kwargs.pop("disable_instance_discovery", None)  # the assertion flow does not use MSAL's discovery
-    return ClientAssertionCredential(tenant_id, app_client_id, exchange_token, **kwargs)
