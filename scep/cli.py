@@ -164,7 +164,8 @@ def _serve(args) -> int:
 def _ensure_challenge() -> str | None:
     """A generated static challenge when none is set (the embedded default); None otherwise."""
     modes = os.environ.get("SCEP_CHALLENGE_MODE", "static")
-    if "static" not in modes.lower() or os.environ.get("SCEP_CHALLENGE", "").strip():
+    configured = (os.environ.get(name, "").strip() for name in ("SCEP_CHALLENGE", "SCEP_CHALLENGE_SECRET_NAME"))
+    if "static" not in modes.lower() or any(configured):
         return None
     challenge = secrets.token_urlsafe(18)
     os.environ["SCEP_CHALLENGE"] = challenge

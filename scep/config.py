@@ -44,6 +44,7 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_DATA_DIR", "./.scep", "Local CA/RA PEM files and the SQLite store (embedded default)."),
     Setting("SCEP_CHALLENGE", "", "Static challenge password; `scep serve` generates one when empty.", secret=True),
+    Setting("SCEP_CHALLENGE_SECRET_NAME", "", "Key Vault secret holding the static challenge.", azure=True),
     Setting("SCEP_CHALLENGE_MODE", "static", "static, intune, or static,intune (both at once).", azure=True),
     Setting("SCEP_CERT_VALIDITY_DAYS", "365", "Validity of issued certificates in days (1-3650).", azure=True),
     Setting("SCEP_ALLOW_DES", "false", "Legacy: accept single DES and MD5 (micromdm scepclient)."),
@@ -62,6 +63,7 @@ SETTINGS: tuple[Setting, ...] = (
         "KEY_VAULT_VERIFY_CHALLENGE_RESOURCE", "true", "Only for emulators: false accepts a challenge for another host."
     ),
     Setting("AZURE_CLIENT_ID", "", "Client ID of the user-assigned managed identity.", azure=True),
+    Setting("SCEP_AZURE_CREDENTIAL", "default", "Azure credential: default (DefaultAzureCredential) or azd."),
     Setting("INTUNE_TENANT_ID", "", "Entra tenant of the Intune service.", azure=True),
     Setting("INTUNE_CLIENT_ID", "", "App registration used for Intune (empty with managed-identity).", azure=True),
     Setting("INTUNE_AUTH", "secret", "secret, certificate, managed-identity or federated.", azure=True),
@@ -145,6 +147,7 @@ class Settings:
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and check every setting; raises ConfigError naming the first wrong one."""
     settings = Settings(dict(os.environ if environ is None else environ))
+    _refuse_unresolved_references(settings)
     settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650)
     settings.integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024)
     settings.flag("SCEP_ALLOW_DES")
@@ -153,17 +156,63 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if settings.uses_key_vault and not settings.get("KEY_VAULT_URL").startswith("https://"):
         raise ConfigError("KEY_VAULT_URL must be an https:// URL, such as https://my-vault.vault.azure.net")
     allowed_ekus(settings)
+    _check_azure_credential(settings)
     modes = settings.modes
-    if "static" in modes and not settings.get("SCEP_CHALLENGE"):
-        raise ConfigError("SCEP_CHALLENGE is required when SCEP_CHALLENGE_MODE includes static")
+    if "static" in modes:
+        _check_static_challenge(settings)
     if "intune" in modes:
         _check_intune_settings(settings)
-    if settings.store_kind == "tables" and not _tables_source(settings):
+    if settings.store_kind == "tables":
+        _check_tables_settings(settings)
+    return settings
+
+
+def _refuse_unresolved_references(settings: Settings) -> None:
+    """App Service leaves `@Microsoft.KeyVault(...)` as the value of a reference it cannot resolve; that text
+    is public, so it must never serve as a setting (least of all as a challenge)."""
+    from scep.secrets import is_key_vault_reference
+
+    for setting in SETTINGS:
+        if is_key_vault_reference(settings.values.get(setting.name) or ""):
+            raise ConfigError(
+                f"{setting.name} is an unresolved Key Vault reference (@Microsoft.KeyVault(...)): the platform "
+                "could not read the secret (missing, disabled, or the identity's role not yet in effect)"
+            )
+
+
+def _check_azure_credential(settings: Settings) -> None:
+    from scep.keys.azure_credentials import credential_choice
+
+    try:
+        credential_choice(settings.values)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_static_challenge(settings: Settings) -> None:
+    challenge, secret_name = settings.get("SCEP_CHALLENGE"), settings.get("SCEP_CHALLENGE_SECRET_NAME")
+    if not challenge and not secret_name:
+        raise ConfigError(
+            "SCEP_CHALLENGE (or SCEP_CHALLENGE_SECRET_NAME) is required when SCEP_CHALLENGE_MODE includes static"
+        )
+    if challenge and secret_name:
+        raise ConfigError("set SCEP_CHALLENGE or SCEP_CHALLENGE_SECRET_NAME, not both")
+    if secret_name and not settings.uses_key_vault:
+        raise ConfigError("SCEP_CHALLENGE_SECRET_NAME needs KEY_VAULT_URL (the vault that holds the secret)")
+
+
+def _check_tables_settings(settings: Settings) -> None:
+    if not _tables_source(settings):
         raise ConfigError(
             "SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
             "or SCEP_TABLES_CONNECTION_STRING"
         )
-    return settings
+    from scep.store.tables import _TABLE_PREFIX
+
+    # Azure table names: letters and digits, not starting with a digit, 3-63 characters ("Understanding the
+    # Table service data model"); the longest suffix is 12 characters, so the prefix has at most 51.
+    if not _TABLE_PREFIX.fullmatch(settings.get("SCEP_TABLE_PREFIX")):
+        raise ConfigError("SCEP_TABLE_PREFIX must be 1-51 letters and digits, starting with a letter")
 
 
 def _check_intune_settings(settings: Settings) -> None:
@@ -254,7 +303,7 @@ def build_store(settings: Settings) -> Store:
 
 def build_validator(settings: Settings) -> ChallengeValidator:
     modes = settings.modes
-    static = StaticValidator(settings.get("SCEP_CHALLENGE")) if "static" in modes else None
+    static = _static_validator(settings) if "static" in modes else None
     if "intune" not in modes:
         assert static is not None
         return static
@@ -269,6 +318,16 @@ def build_validator(settings: Settings) -> ChallengeValidator:
     from scep.challenge.composite import CompositeValidator
 
     return CompositeValidator([static, intune])
+
+
+def _static_validator(settings: Settings) -> StaticValidator:
+    """The fixed SCEP_CHALLENGE, or the Key Vault secret SCEP_CHALLENGE_SECRET_NAME read at run time."""
+    secret_name = settings.get("SCEP_CHALLENGE_SECRET_NAME")
+    if not secret_name:
+        return StaticValidator(settings.get("SCEP_CHALLENGE"))
+    from scep.intune import key_vault_secret_source
+
+    return StaticValidator(key_vault_secret_source(settings.values, secret_name, "SCEP_CHALLENGE_SECRET_NAME"))
 
 
 def build_intune_client(settings: Settings):

@@ -130,4 +130,4 @@ def _check_intune(settings: config.Settings) -> Iterator[Finding]:
 
     report = run_check(config.build_intune_client(settings))
     for line in report.lines:
-        yield Finding(report.ok, f"intune: {line}")
+        yield Finding(line.ok, f"intune: {line}")

@@ -1,19 +1,36 @@
-"""Secrets read from Azure Key Vault (for example the Intune application's client secret).
+"""Secrets read from Azure Key Vault (the static challenge, the Intune client secret, the webhook secret).
 
-Values are cached per process. A caller whose credential was refused re-reads the secret with refresh(),
-so a secret rotated in the vault takes effect without restarting the app. Values never reach logs.
+Values are cached per process for at most `max_age` seconds, so a secret rotated in the vault takes effect
+without restarting the app; a caller whose secret was refused re-reads it at once with refresh().
+Values never reach logs.
+
+App Service and Functions leave the literal `@Microsoft.KeyVault(...)` text as a setting's value when they
+cannot resolve a Key Vault reference ("If a reference isn't resolved properly, the reference string is used
+instead", Microsoft: "Use Key Vault references as app settings in Azure App Service and Azure Functions").
+Such a value is predictable, so it is never accepted as a secret: not from a setting (config refuses it at
+start), and not from the vault either.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from .keys import CustodyError
 
+KEY_VAULT_REFERENCE_PREFIX = "@microsoft.keyvault("
+DEFAULT_MAX_AGE_SECONDS = 300.0
+
+
+def is_key_vault_reference(value: str) -> bool:
+    """True for the text of a Key Vault reference (`@Microsoft.KeyVault(`, any case), resolved or not."""
+    return value.lstrip().lower().startswith(KEY_VAULT_REFERENCE_PREFIX)
+
 
 class SecretError(CustodyError):
-    """A secret could not be read (missing, disabled, access denied, vault unreachable)."""
+    """A secret could not be read (missing, disabled, access denied, vault unreachable, not a real value)."""
 
 
 class SecretReader:
@@ -25,6 +42,8 @@ class SecretReader:
         credential: Any = None,
         verify_challenge_resource: bool = True,
         *,
+        max_age: float = DEFAULT_MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
         retry_total: int = 3,
         retry_backoff_factor: float = 0.5,
         retry_backoff_max: float = 4.0,
@@ -44,7 +63,9 @@ class SecretReader:
             "retry_backoff_max": retry_backoff_max,
         }
         self._client: Any = None
-        self._values: dict[str, str] = {}
+        self._max_age = max_age
+        self._clock = clock
+        self._values: dict[str, tuple[str, float]] = {}  # name -> (value, when it was read)
         self._lock = threading.Lock()
 
     def _secrets(self) -> Any:
@@ -55,15 +76,15 @@ class SecretReader:
         return self._client
 
     def get(self, name: str) -> str:
-        """The secret's value, read from the vault once and then served from memory."""
+        """The secret's value: from memory while younger than max_age, otherwise read from the vault again."""
         with self._lock:
             cached = self._values.get(name)
-        if cached is not None:
-            return cached
+        if cached is not None and self._clock() - cached[1] < self._max_age:
+            return cached[0]
         return self.refresh(name)
 
     def refresh(self, name: str) -> str:
-        """Read the latest version again (after the secret was refused somewhere) and cache it."""
+        """Read the latest version now (after the secret was refused somewhere) and cache it."""
         from azure.core.exceptions import AzureError
 
         try:
@@ -74,6 +95,8 @@ class SecretReader:
             raise SecretError(f"Key Vault secret '{name}' could not be read ({detail})") from error
         if not secret.value:
             raise SecretError(f"Key Vault secret '{name}' is empty")
+        if is_key_vault_reference(secret.value):
+            raise SecretError(f"Key Vault secret '{name}' holds the text of a Key Vault reference, not a secret")
         with self._lock:
-            self._values[name] = secret.value
+            self._values[name] = (secret.value, self._clock())
         return secret.value

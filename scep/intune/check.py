@@ -49,6 +49,11 @@ class CheckLine:
     step: str
     message: str
 
+    @property
+    def ok(self) -> bool:
+        """This step's own outcome: a warning is not a failure."""
+        return self.status is not Status.FAIL
+
     def __str__(self) -> str:
         return f"[{self.status.value:>4}] {self.step}: {self.message}"
 
@@ -59,7 +64,7 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return all(line.status is not Status.FAIL for line in self.lines)
+        return all(line.ok for line in self.lines)
 
     def add(self, status: Status, step: str, message: str) -> None:
         self.lines.append(CheckLine(status, step, message))

@@ -3,6 +3,10 @@
 In Azure the Functions app runs as a user-assigned managed identity (AZURE_CLIENT_ID selects it). On a
 developer machine DefaultAzureCredential falls back to the Azure CLI or environment credentials.
 
+SCEP_AZURE_CREDENTIAL chooses the credential explicitly: `default` (DefaultAzureCredential, above) or `azd`
+(AzureDeveloperCliCredential: whoever `azd auth login` signed in). The post-provision hook sets `azd`, because
+DefaultAzureCredential tries the Azure CLI before azd, and `az` may be signed in as someone else, or not at all.
+
 AZURE_AUTHORITY_HOST may point at a sovereign cloud or at a local Entra emulator. MSAL validates any
 authority host it does not know against login.microsoftonline.com ("instance discovery"); for a host that
 is not one of Microsoft's own, that check is turned off so that nothing is sent to a real endpoint.
@@ -61,9 +65,25 @@ def _authority_kwargs(environ: Mapping[str, str] | None = None) -> dict[str, Any
     return authority_options(authority) if authority is not None else {}
 
 
+CREDENTIAL_SETTING = "SCEP_AZURE_CREDENTIAL"
+CREDENTIAL_CHOICES = ("default", "azd")
+
+
+def credential_choice(environ: Mapping[str, str] | None = None) -> str:
+    """The SCEP_AZURE_CREDENTIAL choice (default when unset); ValueError naming the setting when unknown."""
+    value = (environ if environ is not None else os.environ).get(CREDENTIAL_SETTING, "").strip().lower() or "default"
+    if value not in CREDENTIAL_CHOICES:
+        raise ValueError(f"{CREDENTIAL_SETTING} must be one of {', '.join(CREDENTIAL_CHOICES)}, not {value!r}")
+    return value
+
+
 def build_credential(client_id: str | None = None) -> TokenCredential:
-    """The app's own identity: DefaultAzureCredential, with client_id (or AZURE_CLIENT_ID) naming a
-    user-assigned managed identity."""
+    """The credential SCEP_AZURE_CREDENTIAL chooses. default: DefaultAzureCredential, with client_id (or
+    AZURE_CLIENT_ID) naming a user-assigned managed identity. azd: the Azure Developer CLI's signed-in account."""
+    if credential_choice() == "azd":
+        from azure.identity import AzureDeveloperCliCredential
+
+        return AzureDeveloperCliCredential()
     from azure.identity import DefaultAzureCredential
 
     chosen_client_id = client_id or os.environ.get("AZURE_CLIENT_ID") or None
