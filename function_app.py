@@ -2,10 +2,12 @@
 
 import azure.functions as func
 
-from scep import config
+from scep import config, logs
 from scep.functions import bp
 
-config.settings()  # a wrong setting stops the app at start, with a message naming it
+# A wrong setting stops the app at start, with a message naming it; from here on every record of the product's
+# loggers is cleaned of control characters before the worker's handler ships it to the host.
+logs.install(config.log_level(config.settings()))
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(bp)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import secrets
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scep import __version__, config
+from scep import __version__, config, logs
 from scep.ca import CaOptions, LifecycleError
 from scep.issuer import fingerprint
 from scep.keys import CustodyError, KeySpec, Slot
@@ -24,9 +23,12 @@ DEFAULT_PORT = 7071
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        level = args.log_level or config.log_level(config.Settings(dict(os.environ))) or "warning"
+    except config.ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    logs.configure_console(level)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -43,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scep", description="SCEP certification authority for Microsoft Intune")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("SCEP_LOG_LEVEL", "warning"),
-        choices=["debug", "info", "warning", "error"],
-    )
+    parser.add_argument("--log-level", choices=logs.LEVELS, help="default: SCEP_LOG_LEVEL, else warning")
     commands = parser.add_subparsers(title="commands")
 
     serve = commands.add_parser("serve", help="run the server on this machine (same functions as `func start`)")
@@ -133,10 +131,13 @@ def _ca_options(args) -> CaOptions:
 
 
 def _serve(args) -> int:
-    from scep import localhost
+    from scep import localhost, maintenance
+    from scep.functions import run_maintenance
 
     if args.data_dir:
         os.environ["SCEP_DATA_DIR"] = args.data_dir
+    if args.log_level:
+        os.environ["SCEP_LOG_LEVEL"] = args.log_level  # function_app.py sets the product's level from it
     generated = _ensure_challenge()
     settings = config.load_settings()
     home = config.build_key_home(settings)
@@ -146,6 +147,7 @@ def _serve(args) -> int:
     if isinstance(store, SqliteStore):
         store.release_abandoned_leases()  # no worker runs yet: whatever is PROCESSING was cut off by a crash
     keys = home.keys()
+    maintenance.report_expiry(keys)
     app, prefix = localhost.load_function_app(app_dir=_app_dir())
     server = localhost.LocalFunctionsServer(
         app,
@@ -154,6 +156,7 @@ def _serve(args) -> int:
         port=args.port,
         workers=args.workers,
         max_body_bytes=settings.integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024),
+        background=run_maintenance,  # what the Functions host runs from the daily timer; here at start, then daily
     )
     _print_banner(server.url, settings, keys.ca.certificate, created, generated, args.workers)
     print(f"Ready: {server.url}", flush=True)

@@ -21,6 +21,7 @@ from scep.challenge import ChallengeValidator
 from scep.challenge.static import StaticValidator
 from scep.issuer import DEFAULT_ALLOWED_EKUS, DEFAULT_EKU_NAMES, EKU_NAMES, Profile
 from scep.keys import KeyHome, Slot
+from scep.logs import LEVELS
 from scep.service import ScepService, ServiceOptions
 from scep.store import Store
 from scep.web import DEFAULT_MAX_MESSAGE_BYTES
@@ -84,6 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_WEBHOOK_SECRET", "", "Shared secret of the step-ca validation webhooks.", secret=True),
     Setting("SCEP_WEBHOOK_SECRET_NAME", "", "Key Vault secret holding the webhook secret.", azure=True),
     Setting("SCEP_WEBHOOK_IDS", "", "Optional: the X-Smallstep-Webhook-ID values served."),
+    Setting("SCEP_LOG_LEVEL", "", "debug, info, warning or error (empty: warning for `scep`, the host's in Azure)."),
+    Setting("SCEP_RA_RENEW_DAYS", "30", "Renew the RA automatically when it expires within this many days (1-365)."),
 )
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
@@ -153,6 +156,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings.flag("SCEP_ALLOW_DES")
     settings.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE")
     settings.integer("KEY_VAULT_REFRESH_SECONDS", 1, 86400)
+    settings.integer("SCEP_RA_RENEW_DAYS", 1, 365)
+    log_level(settings)
     if settings.uses_key_vault and not settings.get("KEY_VAULT_URL").startswith("https://"):
         raise ConfigError("KEY_VAULT_URL must be an https:// URL, such as https://my-vault.vault.azure.net")
     allowed_ekus(settings)
@@ -405,6 +410,18 @@ def reset() -> None:
         _service = None
         _settings = None
         _webhooks = None
+
+
+def log_level(settings: Settings) -> str | None:
+    """SCEP_LOG_LEVEL in lower case; None when unset (the caller's default applies)."""
+    level = settings.get("SCEP_LOG_LEVEL").lower()
+    if level and level not in LEVELS:
+        raise ConfigError(f"SCEP_LOG_LEVEL must be one of {', '.join(LEVELS)}, not {level!r}")
+    return level or None
+
+
+def ra_renew_days() -> int:
+    return settings().integer("SCEP_RA_RENEW_DAYS", 1, 365)
 
 
 def max_message_bytes() -> int:

@@ -10,9 +10,15 @@ import json
 
 import azure.functions as func
 
-from scep import config, web
+from scep import config, maintenance, web
+from scep.keys import CaKeys, CustodyError
+from scep.service import ScepService
 
 bp = func.Blueprint()
+
+# Daily at 03:17 UTC (NCRONTAB: second minute hour day month day-of-week). The host runs one occurrence across
+# all instances (a blob lease in AzureWebJobsStorage) and, with use_monitor, catches up a missed one.
+MAINTENANCE_SCHEDULE = "0 17 3 * * *"
 
 SCEP_ROUTES = {
     "scep": "api/scep",
@@ -24,14 +30,34 @@ SCEP_ROUTES = {
 
 
 def _response(reply: web.HttpReply) -> func.HttpResponse:
-    return func.HttpResponse(
-        body=reply.body, status_code=reply.status, headers=reply.headers, mimetype=reply.content_type
-    )
+    # The Content-Type header is set whole: given only a mimetype, azure.functions' HttpResponseConverter.encode
+    # appends "; charset=<charset>" to every text/* type, and a second one to a type that already has one.
+    mimetype = reply.content_type.partition(";")[0].strip()
+    headers = {**reply.headers, "Content-Type": reply.content_type}
+    return func.HttpResponse(body=reply.body, status_code=reply.status, headers=headers, mimetype=mimetype)
+
+
+_reported_keys: CaKeys | None = None
+
+
+def _service() -> ScepService:
+    """The process's service; when it first serves, and after every key change, a CA or RA near or past its
+    expiry is reported (maintenance.report_expiry logs each certificate once per process)."""
+    global _reported_keys
+    service = config.service()
+    try:
+        keys = service.custody.keys()
+    except CustodyError:
+        return service  # the request that needs the keys answers and logs the failure
+    if keys is not _reported_keys:
+        _reported_keys = keys
+        maintenance.report_expiry(keys)
+    return service
 
 
 def _scep(req: func.HttpRequest) -> func.HttpResponse:
     reply = web.handle_scep(
-        config.service(), req.method, req.params, req.get_body() or b"", config.max_message_bytes()
+        _service(), req.method, req.params, req.get_body() or b"", config.max_message_bytes()
     )
     return _response(reply)
 
@@ -51,25 +77,25 @@ for _name, _route in SCEP_ROUTES.items():
 @bp.function_name("health")
 @bp.route(route="api/health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
-    return _response(web.health(config.service()))
+    return _response(web.health(_service()))
 
 
 @bp.function_name("ca_pem")
 @bp.route(route="api/ca.pem", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def ca_pem(req: func.HttpRequest) -> func.HttpResponse:
-    return _response(web.ca_download(config.service(), "pem"))
+    return _response(web.ca_download(_service(), "pem"))
 
 
 @bp.function_name("ca_der")
 @bp.route(route="api/ca.der", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def ca_der(req: func.HttpRequest) -> func.HttpResponse:
-    return _response(web.ca_download(config.service(), "der"))
+    return _response(web.ca_download(_service(), "der"))
 
 
 @bp.function_name("ca_crt")
 @bp.route(route="api/ca.crt", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def ca_crt(req: func.HttpRequest) -> func.HttpResponse:
-    return _response(web.ca_download(config.service(), "der"))
+    return _response(web.ca_download(_service(), "der"))
 
 
 def _webhook(req: func.HttpRequest, kind: str) -> func.HttpResponse:
@@ -94,3 +120,15 @@ def webhook_scepchallenge(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="api/webhook/notify", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 def webhook_notify(req: func.HttpRequest) -> func.HttpResponse:
     return _webhook(req, "notify")
+
+
+@bp.function_name("maintenance")
+@bp.timer_trigger(schedule=MAINTENANCE_SCHEDULE, arg_name="timer", run_on_startup=False, use_monitor=True)
+def maintenance_daily(timer: func.TimerRequest) -> None:
+    run_maintenance()
+
+
+def run_maintenance() -> None:
+    """Renew the RA when it is due (SCEP_RA_RENEW_DAYS) and report a CA or RA near its expiry; the timer above
+    runs it in Azure, `scep serve` in one of its processes."""
+    maintenance.run_daily(config.service(), config.ra_renew_days())

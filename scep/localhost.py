@@ -21,6 +21,12 @@ How it behaves, and where it knowingly follows the Functions host:
 - HTTP/1.1 keep-alive; every reply carries Content-Length.
 - `workers` > 1 pre-forks that many processes that accept on one shared listening socket, each serving
   connections on threads; the parent restarts a child that dies and stops them all on SIGTERM/SIGINT.
+- A reply's Content-Type is the function's own header when it sets one; otherwise its mimetype, followed by
+  "; charset=<charset>" for text/* types, as azure.functions' HttpResponseConverter.encode writes it.
+- `background`, when given, runs in one process of the tree on a daemon thread: once at start, then every
+  `background_interval` seconds (a job the Functions host would run from a timer trigger). With pre-forked
+  workers it runs in the first worker, and in its replacement when that one dies: the supervisor forks and
+  therefore runs no threads of its own. An exception it raises is logged and the next run still happens.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ DEFAULT_ROUTE_PREFIX = "api"
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_CONNECTION_TIMEOUT = 30.0
 DEFAULT_BACKLOG = 1024
+DEFAULT_BACKGROUND_INTERVAL = 24 * 3600.0
 
 _POLL_SECONDS = 0.5
 _SUPERVISE_SECONDS = 0.2
@@ -803,7 +810,8 @@ class LocalFunctionsServer:
     def __init__(self, app: Any, route_prefix: str = DEFAULT_ROUTE_PREFIX, host: str = "127.0.0.1",
                  port: int = 7071, workers: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  *, function_key: str | None = None, connection_timeout: float = DEFAULT_CONNECTION_TIMEOUT,
-                 backlog: int = DEFAULT_BACKLOG) -> None:
+                 backlog: int = DEFAULT_BACKLOG, background: Callable[[], Any] | None = None,
+                 background_interval: float = DEFAULT_BACKGROUND_INTERVAL) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
         if workers < 1:
@@ -823,6 +831,8 @@ class LocalFunctionsServer:
         self._finished = threading.Event()
         self._in_process_server: _ThreadingServer | None = None
         self._serving_thread: threading.Thread | None = None
+        self._background = background
+        self._background_interval = background_interval
 
     @property
     def api_url(self) -> str:
@@ -866,8 +876,22 @@ class LocalFunctionsServer:
         self._serving_thread = threading.current_thread()
         server = self._new_server()
         self._in_process_server = server
+        self._start_background()
         with _StopSignals(self._request_stop):
             self._serve_loop(server, parent_pid=None)
+
+    def _start_background(self) -> None:
+        if self._background is not None:
+            threading.Thread(target=self._run_background, name="background-job", daemon=True).start()
+
+    def _run_background(self) -> None:
+        assert self._background is not None
+        while not self._stopping:
+            try:
+                self._background()
+            except Exception:
+                logger.exception("background job failed; it runs again in %.0f s", self._background_interval)
+            self._sleep_unless_stopping(self._background_interval)
 
     def _new_server(self) -> _ThreadingServer:
         return _ThreadingServer(self._socket, self.router, **self._server_options)
@@ -893,35 +917,35 @@ class LocalFunctionsServer:
 
     def _supervise(self) -> None:
         self._serving_thread = threading.current_thread()
-        children: dict[int, float] = {}
+        children: dict[int, _Child] = {}
         respawn_delay = 0.0
         with _StopSignals(self._request_stop):
-            for _ in range(self.workers):
-                self._spawn(children)
+            for slot in range(self.workers):
+                self._spawn(children, slot)
             while not self._stopping:
                 time.sleep(_SUPERVISE_SECONDS)
                 if self._stopping:
                     break  # the children got the same signal: their exits are expected
-                for started in self._reap(children):
-                    respawn_delay = self._respawn_delay(started, respawn_delay)
+                for gone in self._reap(children):
+                    respawn_delay = self._respawn_delay(gone.started, respawn_delay)
                     self._sleep_unless_stopping(respawn_delay)
                     if not self._stopping:
-                        self._spawn(children)
+                        self._spawn(children, gone.slot)
             self._stop_children(children)
 
-    def _spawn(self, children: dict[int, float]) -> None:
+    def _spawn(self, children: dict[int, _Child], slot: int) -> None:
         stop_signals = {signal.SIGTERM, signal.SIGINT}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
             pid = os.fork()
             if pid == 0:
-                self._child_main()  # never returns
+                self._child_main(slot)  # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-        children[pid] = time.monotonic()
+        children[pid] = _Child(slot, time.monotonic())
         logger.debug("started worker %d", pid)
 
-    def _child_main(self) -> None:
+    def _child_main(self, slot: int) -> None:
         exit_code = 1
         try:
             parent_pid = os.getppid()
@@ -932,6 +956,8 @@ class LocalFunctionsServer:
             for signal_number in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signal_number, lambda *_: self._request_stop())
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            if slot == 0:
+                self._start_background()
             self._serve_loop(server, parent_pid)
             exit_code = 0
         except BaseException:
@@ -941,17 +967,17 @@ class LocalFunctionsServer:
             os._exit(exit_code)
 
     @staticmethod
-    def _reap(children: dict[int, float]) -> Iterator[float]:
+    def _reap(children: dict[int, _Child]) -> Iterator[_Child]:
         for pid in list(children):
             try:
                 finished, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 finished, status = pid, 0
             if finished:
-                started = children.pop(pid)
+                gone = children.pop(pid)
                 logger.warning("worker %d exited unexpectedly (%s); starting another",
                                pid, _describe_exit(status))
-                yield started
+                yield gone
 
     @staticmethod
     def _respawn_delay(started: float, previous: float) -> float:
@@ -965,7 +991,7 @@ class LocalFunctionsServer:
             time.sleep(min(_SUPERVISE_SECONDS, deadline - time.monotonic()))
 
     @staticmethod
-    def _stop_children(children: dict[int, float]) -> None:
+    def _stop_children(children: dict[int, _Child]) -> None:
         for pid in children:
             _signal_quietly(pid, signal.SIGTERM)
         deadline = time.monotonic() + _STOP_GRACE_SECONDS + 2
@@ -983,6 +1009,12 @@ class LocalFunctionsServer:
             _signal_quietly(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+@dataclass(frozen=True)
+class _Child:
+    slot: int  # the worker's place in the tree; slot 0 runs the background job
+    started: float
 
 
 def _describe_exit(status: int) -> str:

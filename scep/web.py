@@ -12,13 +12,13 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from cryptography.hazmat.primitives import serialization
 
 from scep import __version__
 from scep.issuer import fingerprint
 from scep.keys import CustodyError
+from scep.maintenance import Expiry, ExpiryState, expiry_of
 from scep.message import MalformedMessage
 from scep.service import ScepService
 from scep.store import StoreError
@@ -29,6 +29,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 CONTENT_PKI_MESSAGE = "application/x-pki-message"
 CONTENT_CA_RA = "application/x-x509-ca-ra-cert"
 CONTENT_NEXT_CA = "application/x-x509-next-ca-cert"
+CONTENT_TEXT = "text/plain; charset=utf-8"
 _BASE64_JUNK = re.compile(rb"[\s]")
 
 
@@ -36,7 +37,7 @@ _BASE64_JUNK = re.compile(rb"[\s]")
 class HttpReply:
     status: int
     body: bytes
-    content_type: str = "text/plain; charset=utf-8"
+    content_type: str = CONTENT_TEXT  # the whole Content-Type header, parameters included
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -70,7 +71,7 @@ def _dispatch(
 ) -> HttpReply:
     name = operation.lower()
     if name == "getcacaps":
-        return HttpReply(200, "\n".join(service.capabilities()).encode("ascii"), "text/plain")
+        return HttpReply(200, "\n".join(service.capabilities()).encode("ascii"), CONTENT_TEXT)
     if name == "getcacert":
         return HttpReply(200, service.ca_certificates(), CONTENT_CA_RA)
     if name == "getnextcacert":
@@ -140,24 +141,44 @@ def ca_download(service: ScepService, form: str) -> HttpReply:
 
 
 def health(service: ScepService) -> HttpReply:
-    """CA subject, fingerprint and expiry; whether the store answers. No secrets."""
+    """CA and RA expiry, whether custody and the store answer. No secrets, no key operation.
+
+    status "ok"; "degraded" when the CA or RA expires within 30 days (HTTP 200: the CA still serves) or custody
+    or the store fails (HTTP 503); "expired" when the CA or RA has expired (HTTP 503: devices refuse its replies).
+    """
     report: dict = {"status": "ok", "version": __version__}
+    serving = True
     try:
-        ca = service.custody.keys().ca.certificate
-        report["ca"] = {
-            "subject": ca.subject.rfc4514_string(),
-            "sha256": fingerprint(ca),
-            "notAfter": ca.not_valid_after_utc.isoformat(),
-            "expired": ca.not_valid_after_utc <= datetime.now(timezone.utc),
-        }
+        keys = service.custody.keys()
     except CustodyError as error:
-        report["status"] = "degraded"
+        report["status"], serving = "degraded", False
         report["ca"] = {"error": str(error)}
+    else:
+        expiries = expiry_of(keys)
+        for expiry in expiries:
+            report[expiry.role.lower()] = _certificate_report(expiry)
+        states = {expiry.state for expiry in expiries}
+        if ExpiryState.EXPIRED in states:
+            report["status"], serving = "expired", False
+        elif ExpiryState.EXPIRING in states:
+            report["status"] = "degraded"
     try:
         service.store.ping()
         report["store"] = {"reachable": True}
     except StoreError as error:
-        report["status"] = "degraded"
+        report["status"] = "degraded" if report["status"] == "ok" else report["status"]
+        serving = False
         report["store"] = {"reachable": False, "error": str(error)}
-    status = 200 if report["status"] == "ok" else 503
-    return HttpReply(status, json.dumps(report, indent=2).encode("utf-8"), "application/json")
+    return HttpReply(200 if serving else 503, json.dumps(report, indent=2).encode("utf-8"), "application/json")
+
+
+def _certificate_report(expiry: Expiry) -> dict:
+    certificate = expiry.certificate
+    return {
+        "subject": certificate.subject.rfc4514_string(),
+        "sha256": fingerprint(certificate),
+        "notAfter": expiry.not_after.isoformat(),
+        "daysLeft": expiry.days_left,
+        "expiry": expiry.state.value,
+        "expired": expiry.state is ExpiryState.EXPIRED,
+    }

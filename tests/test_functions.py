@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import timedelta
+from pathlib import Path
 
 import azure.functions as func
 import pytest
+from azure.functions.decorators.timer import TimerTrigger
+from azure.functions.http import HttpResponseConverter
 from cryptography import x509
 
-from scep import config
+from scep import ca, config
 from scep import message as msg
 from scep.client import RequestOptions, build_request, make_csr, new_enrollment, read_reply, split_ra_and_ca
+from scep.localhost import app_functions
 from scep.protocol import PkiStatus
 from tests.conftest import CHALLENGE
 
@@ -26,8 +31,9 @@ def functions(tmp_path_factory):
     import function_app
 
     routes = {}
-    for function in function_app.app.get_functions():
-        routes[function.get_trigger().route] = function.get_user_function()
+    for function in app_functions(function_app.app):
+        trigger = function.get_trigger()
+        routes[getattr(trigger, "route", None) or function.get_function_name()] = function.get_user_function()
     yield routes
     config.reset()
     patch.undo()
@@ -115,3 +121,46 @@ def test_ca_downloads(functions):
     pem = call(functions, "api/ca.pem").get_body()
     der = call(functions, "api/ca.der").get_body()
     assert x509.load_pem_x509_certificate(pem) == x509.load_der_x509_certificate(der)
+
+
+def content_type_sent(response: func.HttpResponse) -> str:
+    """The Content-Type header the Functions host sends: azure.functions' own encoder decides it."""
+    encoded = HttpResponseConverter.encode(response, expected_type=None)
+    headers = {name.lower(): datum.value for name, datum in encoded.value["headers"].items()}
+    return headers["content-type"]
+
+
+@pytest.mark.parametrize(
+    "route,params,expected",
+    [
+        ("api/scep", {"operation": "GetCACaps"}, "text/plain; charset=utf-8"),
+        ("api/scep", {"operation": "Bogus"}, "text/plain; charset=utf-8"),
+        ("api/scep", {"operation": "GetNextCACert"}, "text/plain; charset=utf-8"),
+        ("api/scep", {"operation": "GetCACert"}, "application/x-x509-ca-ra-cert"),
+        ("api/health", {}, "application/json"),
+        ("api/ca.pem", {}, "application/x-pem-file"),
+    ],
+)
+def test_content_type_is_exact_with_one_charset(functions, route, params, expected):
+    assert content_type_sent(call(functions, route, params=params)) == expected
+
+
+def test_maintenance_runs_daily_from_a_timer_not_at_startup(functions):
+    import function_app
+
+    timers = [f for f in app_functions(function_app.app) if isinstance(f.get_trigger(), TimerTrigger)]
+    assert [f.get_function_name() for f in timers] == ["maintenance"]
+    binding = timers[0].get_trigger().get_dict_repr()
+    assert binding["schedule"] == "0 17 3 * * *"  # NCRONTAB with seconds: 03:17:00 UTC every day
+    assert binding["runOnStartup"] is False and binding["useMonitor"] is True
+
+
+def test_the_timer_function_renews_a_due_ra(functions):
+    ra_path = Path(config.settings().data_dir) / "ra.pem"
+    ca.issue_ra(config.service().custody, days=3)
+    short = x509.load_pem_x509_certificate(ra_path.read_bytes())
+    functions["maintenance"](timer=None)
+    renewed = x509.load_pem_x509_certificate(ra_path.read_bytes())
+    assert renewed.serial_number != short.serial_number
+    assert renewed.not_valid_after_utc - short.not_valid_after_utc > timedelta(days=600)
+    assert call(functions, "api/health").status_code == 200
