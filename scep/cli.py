@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--out", required=True, help="file prefix: writes PREFIX.key and PREFIX.pem")
     enroll.add_argument("--renew", action="store_true", help="renew PREFIX.pem (RenewalReq, new key)")
     enroll.add_argument("--get", action="store_true", help="send PKIOperation over GET instead of POST")
+    enroll.add_argument(
+        "--key", default="rsa:2048", help="new device key: rsa:<bits> or ec:P-256, ec:P-384, ec:P-521 (rsa:2048)"
+    )
     enroll.set_defaults(run=_enroll)
 
     _ca_parser(commands)
@@ -215,7 +218,7 @@ def _enroll(args) -> int:
     scep = scep_client.ScepClient(args.url)
     caps = scep.capabilities()
     ra, ca = scep.ca_certificates()
-    key = scep_client.new_key()
+    key = scep_client.new_device_key(args.key)
     key_path, cert_path = Path(f"{args.out}.key"), Path(f"{args.out}.pem")
     renew_with = None
     if args.renew:

@@ -1,7 +1,8 @@
 """The project's own SCEP client: enrol, renew, poll and fetch certificates from any SCEP server.
 
 Used by `scep enroll`, the tests and the benchmark. It speaks every algorithm the server does, so tests can
-cover what the Debian clients do not (AES-192/256, 3DES, SHA-512, OAEP, GET and POST, CertPoll, GetCert).
+cover what the Debian clients do not (AES-192/256, 3DES, SHA-512, OAEP, GET and POST, CertPoll, GetCert, EC
+device keys whose replies come in a key-agreement envelope).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
@@ -62,8 +63,21 @@ class Result:
     certificate: x509.Certificate | None = None
 
 
+EC_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
+
+
 def new_key(bits: int = 2048) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def new_device_key(spec: str) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    """A device key from `rsa:<bits>` or `ec:<curve>` (P-256, P-384, P-521)."""
+    kind, _, parameter = spec.partition(":")
+    if kind.lower() == "rsa" and parameter.isdigit():
+        return new_key(int(parameter))
+    if kind.lower() == "ec" and parameter.upper() in EC_CURVES:
+        return ec.generate_private_key(EC_CURVES[parameter.upper()]())
+    raise ValueError(f"key {spec!r}: expected rsa:<bits> or ec:P-256, ec:P-384, ec:P-521")
 
 
 def make_csr(
@@ -155,11 +169,18 @@ def read_reply(der: bytes, enrollment: Enrollment, ra_certificate: x509.Certific
         return Result(reply.pki_status or PkiStatus.FAILURE, reply.fail_info, reply.fail_info_text)
     if not reply.content:
         raise ScepClientError("a SUCCESS CertRep without content")
-    envelope = msg.read_envelope(reply.content, enrollment.signer.certificate, allow_legacy=True)
-    certificates = msg.read_certs_only(msg.open_envelope(envelope, enrollment.signer))
+    certificates = msg.read_certs_only(_open_reply_envelope(reply.content, enrollment.signer))
     if not certificates:
         raise ScepClientError("the CertRep carries no certificate")
     return Result(PkiStatus.SUCCESS, certificate=certificates[0])
+
+
+def _open_reply_envelope(envelope_der: bytes, signer: LocalKey) -> bytes:
+    """The reply is enveloped to our signer certificate: key agreement for an EC key, key transport for RSA."""
+    if isinstance(signer.private_key, ec.EllipticCurvePrivateKey):
+        return msg.open_key_agreement_envelope(envelope_der, signer.private_key)
+    envelope = msg.read_envelope(envelope_der, signer.certificate, allow_legacy=True)
+    return msg.open_envelope(envelope, signer)
 
 
 def split_ra_and_ca(certificates: list[x509.Certificate]) -> tuple[x509.Certificate, x509.Certificate]:

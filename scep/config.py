@@ -19,7 +19,7 @@ from cryptography.x509 import ObjectIdentifier
 from scep.ca import CaOptions, init_root
 from scep.challenge import ChallengeValidator
 from scep.challenge.static import StaticValidator
-from scep.issuer import DEFAULT_ALLOWED_EKUS, DEFAULT_EKU_NAMES, EKU_NAMES, Profile
+from scep.issuer import DEFAULT_ALLOWED_EKUS, DEFAULT_EKU_NAMES, DEFAULT_MIN_RSA_BITS, EKU_NAMES, Profile
 from scep.keys import KeyHome, Slot
 from scep.logs import LEVELS
 from scep.service import ScepService, ServiceOptions
@@ -48,6 +48,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_CHALLENGE_SECRET_NAME", "", "Key Vault secret holding the static challenge.", azure=True),
     Setting("SCEP_CHALLENGE_MODE", "static", "static, intune, or static,intune (both at once).", azure=True),
     Setting("SCEP_CERT_VALIDITY_DAYS", "365", "Validity of issued certificates in days (1-3650).", azure=True),
+    Setting("SCEP_MIN_RSA_KEY_BITS", str(DEFAULT_MIN_RSA_BITS), "Smallest RSA device key issued (1024-4096)."),
     Setting("SCEP_ALLOW_DES", "false", "Legacy: accept single DES and MD5 (micromdm scepclient)."),
     Setting("SCEP_MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES), "Largest PKIOperation message accepted."),
     Setting("SCEP_ALLOWED_EKUS", ",".join(DEFAULT_EKU_NAMES), "Extended key usages a CSR may ask for (names or OIDs)."),
@@ -92,6 +93,7 @@ _DEFAULTS = {s.name: s.default for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 MODES = {"static", "intune"}
+MIN_RSA_KEY_BITS_RANGE = (1024, 4096)  # Intune's SCEP profiles offer 1024, 2048 and 4096 bits
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings = Settings(dict(os.environ if environ is None else environ))
     _refuse_unresolved_references(settings)
     settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650)
+    settings.integer("SCEP_MIN_RSA_KEY_BITS", *MIN_RSA_KEY_BITS_RANGE)
     settings.integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024)
     settings.flag("SCEP_ALLOW_DES")
     settings.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE")
@@ -363,6 +366,7 @@ def build_service(settings: Settings) -> ScepService:
         allow_legacy=settings.flag("SCEP_ALLOW_DES"),
         profile=Profile(
             validity_days=settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650),
+            min_rsa_bits=settings.integer("SCEP_MIN_RSA_KEY_BITS", *MIN_RSA_KEY_BITS_RANGE),
             allowed_ekus=allowed_ekus(settings),
         ),
     )

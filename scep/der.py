@@ -16,6 +16,7 @@ from asn1crypto import algos, core
 SEQUENCE = 0x30
 SET = 0x31
 INTEGER = 0x02
+BIT_STRING = 0x03
 OCTET_STRING = 0x04
 NULL = b"\x05\x00"
 PRINTABLE_STRING = 0x13
@@ -55,6 +56,11 @@ def integer(value: int) -> bytes:
 
 def octet_string(value: bytes) -> bytes:
     return tlv(OCTET_STRING, value)
+
+
+def bit_string(value: bytes) -> bytes:
+    """A BIT STRING of whole octets (no unused bits), such as a public key."""
+    return tlv(BIT_STRING, b"\x00" + value)
 
 
 def printable_string(value: str) -> bytes:

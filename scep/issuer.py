@@ -24,6 +24,7 @@ from scep.protocol import FailInfo
 
 BACKDATE = timedelta(minutes=5)
 SERIAL_BITS = 128
+DEFAULT_MIN_RSA_BITS = 2048
 
 OID_IPSEC_IKE = ObjectIdentifier("1.3.6.1.5.5.7.3.17")
 OID_SMARTCARD_LOGON = ObjectIdentifier("1.3.6.1.4.1.311.20.2.2")
@@ -59,7 +60,7 @@ class PolicyError(Exception):
 @dataclass(frozen=True)
 class Profile:
     validity_days: int = 365
-    min_rsa_bits: int = 2048
+    min_rsa_bits: int = DEFAULT_MIN_RSA_BITS
     max_rsa_bits: int = 8192
     allowed_ekus: frozenset = field(default_factory=lambda: DEFAULT_ALLOWED_EKUS)
     backdate: timedelta = BACKDATE
@@ -74,7 +75,11 @@ def check_request_key(csr: x509.CertificateSigningRequest, profile: Profile) -> 
     key = csr.public_key()
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < profile.min_rsa_bits:
-            raise PolicyError(FailInfo.BAD_ALG, f"RSA keys need at least {profile.min_rsa_bits} bits")
+            raise PolicyError(
+                FailInfo.BAD_ALG,
+                f"a {key.key_size}-bit RSA key is below this CA's minimum of {profile.min_rsa_bits} bits "
+                "(SCEP_MIN_RSA_KEY_BITS)",
+            )
         if key.key_size > profile.max_rsa_bits:
             raise PolicyError(FailInfo.BAD_ALG, f"RSA keys above {profile.max_rsa_bits} bits are refused")
         if key.public_numbers().e < 65537 or key.public_numbers().e % 2 == 0:

@@ -19,11 +19,12 @@ from asn1crypto import parser as asn1_parser
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives import hashes, padding
+from cryptography.hazmat.primitives import hashes, keywrap, padding
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from scep import der
 from scep.keys import KeyHandle, KeyTransport
@@ -43,6 +44,7 @@ OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
 OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 
 HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
@@ -68,6 +70,17 @@ _CIPHER_KEY_BYTES = {
     ContentCipher.DES: 8,
 }
 
+
+# ECDH key agreement for EC recipients (RFC 5753 section 7.1.4): dhSinglePass-stdDH-<hash>kdf-scheme, the
+# hash following the curve as in Suite B (RFC 6318); OpenSSL 3 `cms -decrypt` opens all of these.
+_AGREEMENT_OIDS = {
+    "sha1": "1.3.133.16.840.63.0.2",
+    "sha256": "1.3.132.1.11.1",
+    "sha384": "1.3.132.1.11.2",
+    "sha512": "1.3.132.1.11.3",
+}
+_AGREEMENT_HASH_BY_CURVE = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
+_KEY_WRAP_OIDS = {16: "2.16.840.1.101.3.4.1.5", 24: "2.16.840.1.101.3.4.1.25", 32: "2.16.840.1.101.3.4.1.45"}
 
 _KNOWN_OIDS = {
     der.oid(dotted): dotted
@@ -334,10 +347,23 @@ def _find_signer(signer_info: cms.SignerInfo, certificates: list[x509.Certificat
                 chosen["serial_number"].native == certificate.serial_number
                 and chosen["issuer"].dump() == certificate.issuer.public_bytes()
             ):
-                return certificate
+                return _readable(certificate)
         elif sid.chosen.native == _subject_key_id(certificate):
-            return certificate
+            return _readable(certificate)
     raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "the signer's certificate is not in the message")
+
+
+def _readable(certificate: x509.Certificate) -> x509.Certificate:
+    """Read now every field of the signer certificate the service uses (cryptography parses lazily), so that a
+    damaged one is a badMessageCheck here rather than an unexpected error later."""
+    try:
+        _ = (certificate.subject, certificate.issuer, certificate.extensions, certificate.public_key())
+        _ = (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+    except Exception as error:
+        raise MessageError(
+            FailInfo.BAD_MESSAGE_CHECK, f"unreadable signer certificate: {_short(error)}"
+        ) from None
+    return certificate
 
 
 def _subject_key_id(certificate: x509.Certificate) -> bytes:
@@ -461,27 +487,99 @@ def seal_envelope(
     cipher: ContentCipher,
     transport: KeyTransport = KeyTransport.RSA_PKCS1V15,
 ) -> bytes:
-    """Encrypt content to a recipient certificate's RSA key as a CMS EnvelopedData (DER ContentInfo)."""
-    public_key = recipient.public_key()
-    if not isinstance(public_key, rsa.RSAPublicKey):
-        raise MessageError(FailInfo.BAD_ALG, "the recipient certificate has no RSA key for key transport")
+    """Encrypt content to a recipient certificate as a CMS EnvelopedData (DER ContentInfo): RSA key transport,
+    or ephemeral-static ECDH key agreement for an EC key (RFC 5753)."""
+    public_key = envelope_recipient_key(recipient)
     content_key = os.urandom(_CIPHER_KEY_BYTES[cipher])
     iv = os.urandom(8 if cipher in (ContentCipher.DES, ContentCipher.DES3) else 16)
     ciphertext = _cbc_encrypt(cipher, content_key, iv, content)
-    encrypted_key = public_key.encrypt(content_key, _rsa_padding(transport))
-    recipient_info = der.sequence(
-        der.integer(0),
-        issuer_and_serial_der(recipient),
-        _key_transport_algorithm(transport),
-        der.octet_string(encrypted_key),
-    )
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        version, recipient_info = 2, _key_agreement_recipient(public_key, recipient, content_key)
+    else:
+        encrypted_key = public_key.encrypt(content_key, _rsa_padding(transport))
+        version, recipient_info = 0, der.sequence(
+            der.integer(0),
+            issuer_and_serial_der(recipient),
+            _key_transport_algorithm(transport),
+            der.octet_string(encrypted_key),
+        )
     encrypted_content_info = der.sequence(
         der.oid(OID_DATA),
         der.sequence(der.oid(_CIPHER_OIDS[cipher]), der.octet_string(iv)),
         der.context(0, ciphertext, constructed=False),
     )
-    enveloped = der.sequence(der.integer(0), der.set_of([recipient_info]), encrypted_content_info)
+    enveloped = der.sequence(der.integer(version), der.set_of([recipient_info]), encrypted_content_info)
     return der.sequence(der.oid(OID_ENVELOPED_DATA), der.context(0, enveloped))
+
+
+def envelope_recipient_key(certificate: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The key a reply can be enveloped to (RSA, or EC on a curve with a key-agreement scheme); else badAlg."""
+    public_key = certificate.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return public_key
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in _AGREEMENT_HASH_BY_CURVE:
+        return public_key
+    raise MessageError(
+        FailInfo.BAD_ALG, "the signer certificate's key can receive no envelope (RSA, EC P-256/P-384/P-521 only)"
+    )
+
+
+def _key_agreement_recipient(
+    public_key: ec.EllipticCurvePublicKey, recipient: x509.Certificate, content_key: bytes
+) -> bytes:
+    """KeyAgreeRecipientInfo (RFC 5652 section 6.2.2): ephemeral-static ECDH, X9.63 KDF, AES key wrap."""
+    hash_name = _AGREEMENT_HASH_BY_CURVE[public_key.curve.name]
+    wrap_oid = _KEY_WRAP_OIDS[_wrap_key_bytes(len(content_key))]
+    ephemeral = ec.generate_private_key(public_key.curve)
+    kek = _key_encryption_key(ephemeral.exchange(ec.ECDH(), public_key), hash_name, wrap_oid)
+    point = ephemeral.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    originator_key = der.context(1, der.sequence(der.oid(OID_EC_PUBLIC_KEY)) + der.bit_string(point))
+    recipient_encrypted_key = der.sequence(
+        issuer_and_serial_der(recipient), der.octet_string(keywrap.aes_key_wrap(kek, content_key))
+    )
+    return der.context(
+        1,
+        der.integer(3)
+        + der.context(0, originator_key)
+        + der.sequence(der.oid(_AGREEMENT_OIDS[hash_name]), der.sequence(der.oid(wrap_oid)))
+        + der.sequence(recipient_encrypted_key),
+    )
+
+
+def _wrap_key_bytes(content_key_bytes: int) -> int:
+    """The AES key wrap at least as strong as the content cipher (RFC 5753 section 8), as OpenSSL chooses it."""
+    return 16 if content_key_bytes <= 16 else 24 if content_key_bytes <= 24 else 32
+
+
+def _key_encryption_key(shared_secret: bytes, hash_name: str, wrap_oid: str) -> bytes:
+    """X9.63 KDF over the ECDH secret with ECC-CMS-SharedInfo (RFC 5753 section 7.2), no ukm."""
+    size = {dotted: size for size, dotted in _KEY_WRAP_OIDS.items()}[wrap_oid]
+    shared_info = der.sequence(
+        der.sequence(der.oid(wrap_oid)), der.context(2, der.octet_string((size * 8).to_bytes(4, "big")))
+    )
+    return X963KDF(HASHES[hash_name](), size, shared_info).derive(shared_secret)
+
+
+def open_key_agreement_envelope(envelope_der: bytes, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Decrypt an EnvelopedData sent to our EC key (the client's side of `seal_envelope`)."""
+    try:
+        enveloped = cms.ContentInfo.load(envelope_der, strict=True)["content"]
+        kari = next(r.chosen for r in enveloped["recipient_infos"] if r.name == "kari")
+        algorithm = kari["key_encryption_algorithm"]
+        hash_name = {dotted: name for name, dotted in _AGREEMENT_OIDS.items()}[algorithm["algorithm"].dotted]
+        wrap_oid = cms.KeyEncryptionAlgorithm.load(algorithm["parameters"].dump())["algorithm"].dotted
+        point = kari["originator"].chosen["public_key"].native
+        ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(private_key.curve, point)
+        kek = _key_encryption_key(private_key.exchange(ec.ECDH(), ephemeral), hash_name, wrap_oid)
+        content_key = keywrap.aes_key_unwrap(kek, kari["recipient_encrypted_keys"][0]["encrypted_key"].native)
+        encrypted_content = enveloped["encrypted_content_info"]
+        algorithm = encrypted_content["content_encryption_algorithm"]
+        cipher = _content_cipher(algorithm)
+        return _cbc_decrypt(cipher, content_key, algorithm.encryption_iv, _encrypted_content(encrypted_content))
+    except Exception as error:
+        raise MessageError(
+            FailInfo.BAD_MESSAGE_CHECK, f"cannot open the key-agreement envelope: {_short(error)}"
+        ) from None
 
 
 def _key_trans_recipient(enveloped: cms.EnvelopedData, ours: x509.Certificate) -> cms.KeyTransRecipientInfo:

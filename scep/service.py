@@ -6,6 +6,7 @@ answer raise MalformedMessage (the HTTP layer turns it into a 400).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -20,7 +21,14 @@ from cryptography.x509.oid import AttributeOID
 
 from scep import message as msg
 from scep.challenge import ChallengeValidator, EnrollmentRequest, HResult, NotificationFailed, Verdict
-from scep.issuer import PolicyError, Profile, device_certificate, is_ca_certificate, random_serial
+from scep.issuer import (
+    PolicyError,
+    Profile,
+    check_request_key,
+    device_certificate,
+    is_ca_certificate,
+    random_serial,
+)
 from scep.keys import CaKeys, Custody, CustodyError
 from scep.protocol import CAPABILITIES_BASE, FailInfo, MessageType, PkiStatus
 from scep.store import CertStatus, Claim, ClaimOutcome, IssuedCertificate, SerialInUse, Store, StoreError, TxState
@@ -86,7 +94,6 @@ class ScepService:
         except msg.MessageError as error:
             if error.attributes is None:
                 raise msg.MalformedMessage(error.reason) from None
-            log.info("transaction %s refused: %s", error.attributes.transaction_id, error.reason)
             return self._failure(
                 keys,
                 error.attributes.transaction_id,
@@ -100,7 +107,6 @@ class ScepService:
         try:
             return self._dispatch(keys, request)
         except msg.MessageError as error:
-            log.info("transaction %s refused: %s", request.transaction_id, error.reason)
             return self._fail(keys, request, error.fail_info, error.reason)
         except CustodyError as error:
             log.error("transaction %s: key custody failed: %s", request.transaction_id, error)
@@ -135,6 +141,9 @@ class ScepService:
             )
         if renewal is not None:
             _check_renewal_identity(renewal, csr)
+        # what the reply needs is checked before anything is validated, signed, recorded or notified
+        msg.envelope_recipient_key(request.signer_certificate)
+        _check_request_key(csr, self.options.profile)
         enrollment = EnrollmentRequest(
             transaction_id=request.transaction_id,
             csr=csr,
@@ -162,7 +171,6 @@ class ScepService:
         verdict = self._validate(enrollment)
         if not verdict.accepted:
             self.store.record_failed(claim, int(verdict.fail_info), verdict.reason)
-            log.info("transaction %s rejected: %s", request.transaction_id, verdict.reason)
             return self._fail(keys, request, verdict.fail_info, verdict.reason or "the request was not authorised")
         validator = verdict.validator or self.validator
         try:
@@ -320,6 +328,7 @@ class ScepService:
     def _failure(
         self, keys: CaKeys, transaction_id: str, nonce: bytes, digest_name: str, fail_info: FailInfo, reason: str
     ) -> Reply:
+        log.info("transaction %s refused (failInfo %s): %s", transaction_id, fail_info.name, reason)
         attributes = msg.cert_rep_attributes(PkiStatus.FAILURE, transaction_id, nonce, fail_info, reason)
         # an empty eContent rather than none: OpenSSL's PKCS7_verify (certmonger) refuses a detached CertRep
         der = msg.sign_message(keys.ra, _reply_digest(digest_name), attributes, b"")
@@ -332,21 +341,19 @@ def _reply_digest(request_digest: str) -> str:
 
 
 def _load_csr(der: bytes) -> x509.CertificateSigningRequest:
-    try:
+    """The CSR with its signature verified: cryptography's strict reader first (the common case), and what it
+    refuses or cannot verify goes to the lenient reader, which has the last word."""
+    with contextlib.suppress(Exception):  # InvalidVersion, ValueError and more on hostile input
         csr = x509.load_der_x509_csr(der)
-        valid = csr.is_signature_valid
-    except ValueError:
-        return _load_noncanonical_csr(der)
-    except Exception:  # cryptography raises more than ValueError on hostile input
-        raise msg.MessageError(FailInfo.BAD_REQUEST, "the certificate request is not a valid PKCS#10") from None
-    if not valid:
-        raise msg.MessageError(FailInfo.BAD_MESSAGE_CHECK, "the certificate request signature does not verify")
-    return csr
+        if csr.is_signature_valid:
+            return csr
+    return _load_lenient_csr(der)
 
 
-def _load_noncanonical_csr(der: bytes) -> x509.CertificateSigningRequest:
-    """A CSR whose attributes are not in DER order (strongSwan): verify the signature over the bytes as sent,
-    then re-encode the attributes canonically so the strict parser accepts it."""
+def _load_lenient_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """A CSR the strict reader refuses: attributes not in DER order (strongSwan), version 1 or 2 (Apple devices;
+    the field carries no meaning), or a SHA-1 signature (cryptography's check is false for it under OpenSSL 3).
+    Verify the signature over the bytes as sent, then re-encode version 0 and canonical attributes."""
     try:
         request = asn1_csr.CertificationRequest.load(der, strict=True)
         info = request["certification_request_info"]
@@ -363,7 +370,7 @@ def _load_noncanonical_csr(der: bytes) -> x509.CertificateSigningRequest:
     canonical = asn1_csr.CertificationRequest(
         {
             "certification_request_info": {
-                "version": info["version"],
+                "version": "v1",
                 "subject": info["subject"],
                 "subject_pk_info": info["subject_pk_info"],
                 "attributes": asn1_csr.CRIAttributes(attributes),
@@ -376,6 +383,13 @@ def _load_noncanonical_csr(der: bytes) -> x509.CertificateSigningRequest:
         return x509.load_der_x509_csr(canonical.dump(force=True))
     except ValueError:
         raise msg.MessageError(FailInfo.BAD_REQUEST, "the certificate request is not a valid PKCS#10") from None
+
+
+def _check_request_key(csr: x509.CertificateSigningRequest, profile: Profile) -> None:
+    try:
+        check_request_key(csr, profile)
+    except PolicyError as error:
+        raise msg.MessageError(error.fail_info, error.reason) from None
 
 
 def _challenge_password(csr: x509.CertificateSigningRequest) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from scep.ca import CaOptions, init_root
@@ -27,13 +29,13 @@ from scep.client import (
 )
 from scep.issuer import Profile, is_ca_certificate
 from scep.keys import CustodyError, KeyTransport
-from scep.keys.local import LocalHome
+from scep.keys.local import LocalHome, LocalKey
 from scep.message import issuer_and_serial_der
 from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 from scep.service import ScepService, ServiceOptions
 from scep.store import CertStatus
 from scep.store.sqlite import SqliteStore
-from tests.conftest import CHALLENGE, KeyPool
+from tests.conftest import CHALLENGE
 from tests.scep_helpers import enroll, ra_and_ca, send
 
 ALGORITHMS = [
@@ -82,19 +84,97 @@ def test_validity_follows_the_profile(make_service, keys):
     assert timedelta(days=29) < lifetime <= timedelta(days=30)
 
 
-def test_ec_device_key(service):
-    key = ec.generate_private_key(ec.SECP256R1())
-    ra, _ = ra_and_ca(service)
-    csr = make_csr(key, "ec-device", "correct horse battery staple")
-    # an EC device still needs an RSA signer certificate for the key-transport reply
-    rsa_key = KeyPool().new()
-    enrollment = new_enrollment(key, csr)
-    enrollment.signer = type(enrollment.signer)(rsa_key, self_signed(rsa_key, csr.subject))
-    reply = service.pki_operation(build_request(enrollment, ra, RequestOptions()))
-    result = read_reply(reply.der, enrollment, ra)
+@pytest.mark.parametrize("curve", [ec.SECP256R1, ec.SECP384R1, ec.SECP521R1])
+def test_ec_device_signs_its_request_and_gets_a_key_agreement_reply(service, curve):
+    key = ec.generate_private_key(curve())
+    result, _ = enroll(service, key, "ec-device")
     assert result.status is PkiStatus.SUCCESS
     usage = result.certificate.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.digital_signature and usage.key_agreement and not usage.key_encipherment
+
+
+def test_ec_device_with_an_rsa_signer_gets_a_key_transport_reply(service, keys):
+    key = ec.generate_private_key(ec.SECP256R1())
+    ra, _ = ra_and_ca(service)
+    csr = make_csr(key, "ec-device", CHALLENGE)
+    rsa_key = keys.new()
+    enrollment = new_enrollment(key, csr)
+    enrollment.signer = LocalKey(rsa_key, self_signed(rsa_key, csr.subject))
+    result = read_reply(service.pki_operation(build_request(enrollment, ra, RequestOptions())).der, enrollment, ra)
+    assert result.status is PkiStatus.SUCCESS
+
+
+def test_signer_that_can_receive_no_envelope_changes_nothing(make_service, keys, caplog):
+    """Checked before validation: no validator call, no certificate, no notification, one INFO line."""
+    validator = RecordingValidator()
+    service = make_service(validator)
+    key = keys.new()
+    ra, _ = ra_and_ca(service)
+    csr = make_csr(key, "k1-signer", CHALLENGE)
+    signer_key = ec.generate_private_key(ec.SECP256K1())
+    enrollment = new_enrollment(key, csr)
+    enrollment.signer = LocalKey(signer_key, self_signed(signer_key, csr.subject))
+    with caplog.at_level(logging.INFO, logger="scep.service"):
+        reply = service.pki_operation(build_request(enrollment, ra, RequestOptions()))
+    result = read_reply(reply.der, enrollment, ra)
+    assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_ALG
+    assert validator.validations == 0 and validator.successes == [] and validator.failures == []
+    assert service.store.certificate_for_transaction(enrollment.transaction_id) is None
+    assert refusal_lines(caplog, enrollment.transaction_id) == [f"failInfo BAD_ALG): {result.fail_info_text}"]
+
+
+def test_unsupported_device_key_is_refused_before_validation(make_service):
+    validator = RecordingValidator()
+    service = make_service(validator)
+    result, enrollment = enroll(service, ec.generate_private_key(ec.SECP256K1()), "k1-device")
+    assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_ALG
+    assert validator.validations == 0 and validator.failures == []
+    assert service.store.certificate_for_transaction(enrollment.transaction_id) is None
+
+
+def refusal_lines(caplog, transaction_id: str) -> list[str]:
+    prefix = f"transaction {transaction_id} refused ("
+    return [
+        record.getMessage().removeprefix(prefix)
+        for record in caplog.records
+        if record.levelno == logging.INFO and record.getMessage().startswith(prefix)
+    ]
+
+
+@pytest.mark.parametrize(
+    "key_kind,challenge,extensions,expected",
+    [
+        ("rsa", "wrong", (), "BAD_REQUEST"),
+        ("rsa1024", CHALLENGE, (), "BAD_ALG"),
+        ("ec", CHALLENGE, (x509.KeyUsage(True, False, True, False, False, False, False, False, False),), "BAD_REQUEST"),
+        ("rsa", CHALLENGE, (x509.BasicConstraints(ca=True, path_length=None),), "BAD_REQUEST"),
+    ],
+    ids=["wrong-challenge", "small-key", "ec-key-encipherment", "ca-request"],
+)
+def test_every_failure_is_logged_once_with_its_reason(service, keys, caplog, key_kind, challenge, extensions,
+                                                      expected):
+    key = {"rsa": keys.new, "rsa1024": lambda: keys.new(1024), "ec": lambda: ec.generate_private_key(ec.SECP256R1())}
+    with caplog.at_level(logging.INFO, logger="scep.service"):
+        result, enrollment = enroll(service, key[key_kind](), challenge=challenge, extensions=extensions)
+    assert result.status is PkiStatus.FAILURE
+    assert refusal_lines(caplog, enrollment.transaction_id) == [f"failInfo {expected}): {result.fail_info_text}"]
+
+
+def test_unreadable_signer_subject_is_a_bad_message_check(service, keys, caplog):
+    """cryptography parses the subject lazily; a damaged one must not reach the unexpected-error path."""
+    key = keys.new()
+    ra, _ = ra_and_ca(service)
+    csr = make_csr(key, "device", CHALLENGE)
+    certificate = self_signed(key, csr.subject).public_bytes(serialization.Encoding.DER)
+    subject_value = certificate.rfind(b"\x0c\x06device")  # the subject's CN; the issuer's comes first
+    damaged = certificate[:subject_value] + b"\x01" + certificate[subject_value + 1 :]  # UTF8String -> BOOLEAN
+    enrollment = new_enrollment(key, csr)
+    enrollment.signer = LocalKey(key, x509.load_der_x509_certificate(damaged))
+    with caplog.at_level(logging.INFO):
+        result = read_reply(service.pki_operation(build_request(enrollment, ra, RequestOptions())).der, enrollment, ra)
+    assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_MESSAGE_CHECK
+    assert "unreadable signer certificate" in result.fail_info_text
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 @pytest.mark.parametrize("challenge,reason", [("wrong", "wrong"), (None, "missing")])
@@ -155,9 +235,16 @@ def test_get_crl_is_a_signed_failure(service, keys):
     assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_REQUEST
 
 
-def test_weak_key_is_refused(service, keys):
+def test_weak_key_is_refused_naming_the_setting(service, keys):
     result, _ = enroll(service, keys.new(1024))
     assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_ALG
+    assert "SCEP_MIN_RSA_KEY_BITS" in result.fail_info_text
+
+
+def test_minimum_rsa_key_size_follows_the_profile(make_service, keys):
+    service = make_service(profile=Profile(min_rsa_bits=1024))
+    result, _ = enroll(service, keys.new(1024))
+    assert result.status is PkiStatus.SUCCESS and result.certificate.public_key().key_size == 1024
 
 
 @pytest.mark.parametrize(
@@ -285,8 +372,10 @@ class RecordingValidator:
         self.notification_works = notification_works
         self.successes: list[int] = []
         self.failures: list[int] = []
+        self.validations = 0
 
     def validate(self, request):
+        self.validations += 1
         return Verdict(True, validator=self)
 
     def notify_success(self, request, certificate):
