@@ -73,7 +73,7 @@ def toolchain_problem(go: str = GO_BINARY, source_root: Path = GO_SOURCE_ROOT) -
     """Why step-ca cannot be built here, or None when it can."""
     install = f"install Debian's {' and '.join(APT_PACKAGES)}"
     if shutil.which(go) is None:
-        return f"step-ca: the Go toolchain (`{go}`) is not installed; {install}"
+        return f"step-ca: the Go toolchain ('{go}') is not installed; {install}"
     if not (source_root / "src" / CERTIFICATES_PACKAGE / "commands").is_dir():
         return f"step-ca: the sources of {CERTIFICATES_PACKAGE} are not under {source_root}; {install}"
     return None
