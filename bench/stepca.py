@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def build(cache_dir: Path, source_root: Path = GO_SOURCE_ROOT) -> Path:
     }
     # Built under a temporary name and renamed: a concurrent run never executes a half-written binary.
     temporary = binary.with_name(f"step-ca.tmp{os.getpid()}")
+    print(f"building step-ca into {binary} (about 30 s the first time) ...", file=sys.stderr, flush=True)
     run_setup([GO_BINARY, "build", "-o", str(temporary), MAIN_PACKAGE], environment, "step-ca build")
     os.replace(temporary, binary)
     return binary
