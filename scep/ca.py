@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep.issuer import ca_certificate, is_ca_certificate, ra_certificate
-from scep.keys import KeyHome, KeySpec, Slot
+from scep.issuer import ca_certificate, is_ca_certificate, ra_certificate, random_serial, sign_certificate
+from scep.keys import CustodyError, KeyHandle, KeyHome, KeySpec, Slot
+
+log = logging.getLogger("scep.ca")
 
 DEFAULT_CA_SUBJECT = "CN=SCEP Root CA,O=scep-intune-ca"
 DEFAULT_RA_SUBJECT = "CN=SCEP RA,O=scep-intune-ca"
 RA_MIN_RSA_BITS = 2048
+ENCRYPTION_SERIAL_ATTEMPTS = 64
+ENCRYPTION_ONLY = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=True,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 class LifecycleError(Exception):
@@ -69,7 +84,7 @@ def import_signed(home: KeyHome, certificate: x509.Certificate, chain: list[x509
 
 
 def issue_ra(home: KeyHome, subject: str = DEFAULT_RA_SUBJECT, days: int = 730) -> x509.Certificate:
-    """Issue (or renew, with a new key) the RA certificate under the current CA."""
+    """Issue (or renew, with a new key) the RA certificate under the current CA, and its encryption certificate."""
     if not home.exists(Slot.CA):
         raise LifecycleError("there is no CA: run `scep ca init` first")
     ca = home.handle(Slot.CA)
@@ -77,7 +92,48 @@ def issue_ra(home: KeyHome, subject: str = DEFAULT_RA_SUBJECT, days: int = 730) 
     public_key = serialization.load_der_public_key(pending.public_key_der)
     certificate = ra_certificate(parse_subject(subject), public_key, ca, days)
     home.complete(Slot.RA, certificate, [])
+    _attach_encryption(home, certificate, ca)
     return certificate
+
+
+def ra_encryption_certificate(ra: x509.Certificate, ca: KeyHandle) -> x509.Certificate:
+    """The RA's twin with keyEncipherment only: same subject, key, validity and extensions, its own serial.
+
+    Clients written for Microsoft NDES encrypt to the certificate with keyEncipherment and without
+    digitalSignature; Apple needs the RA itself to carry both, so the RA cannot be that certificate.
+    GetCACert's certificates are a DER SET OF, sorted by encoding, and clients that take the first non-CA
+    certificate as the RA must keep finding the signing RA: so the twin is re-signed with another random serial
+    until its encoding sorts after the RA's (each try succeeds with a chance of about one in two to four)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ra.subject)
+        .issuer_name(ra.issuer)
+        .public_key(ra.public_key())
+        .not_valid_before(ra.not_valid_before_utc)
+        .not_valid_after(ra.not_valid_after_utc)
+    )
+    for extension in ra.extensions:
+        value = ENCRYPTION_ONLY if isinstance(extension.value, x509.KeyUsage) else extension.value
+        builder = builder.add_extension(value, extension.critical)
+    ra_der = ra.public_bytes(serialization.Encoding.DER)
+    for _ in range(ENCRYPTION_SERIAL_ATTEMPTS):
+        certificate = sign_certificate(builder.serial_number(random_serial()), ca)
+        if certificate.public_bytes(serialization.Encoding.DER) > ra_der:
+            return certificate
+    raise LifecycleError("could not find a serial number that orders the encryption certificate after the RA")
+
+
+def _attach_encryption(home: KeyHome, ra: x509.Certificate, ca: KeyHandle) -> None:
+    """Issue and store the RA's encryption certificate; the RA works without it, so a failure only warns."""
+    try:
+        home.attach_ra_encryption(ra_encryption_certificate(ra, ca))
+    except (CustodyError, LifecycleError) as error:
+        log.warning(
+            "the RA is issued, but its encryption-only certificate could not be stored (%s): clients that pick "
+            "the RA by key usage (written for NDES) are refused until `scep ca ra renew` stores one (in Key "
+            "Vault this needs Key Vault Secrets Officer)",
+            error,
+        )
 
 
 def ra_spec(ca: x509.Certificate, home: KeyHome) -> KeySpec:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 
 from asn1crypto import algos, cms, core
 from asn1crypto import parser as asn1_parser
+from asn1crypto.x509 import Name as Asn1Name
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -440,10 +441,13 @@ def _as_set(attributes: cms.CMSAttributes) -> bytes:
 # --- envelopes -------------------------------------------------------------------------------------------
 
 
-def read_envelope(der: bytes, recipient: x509.Certificate, allow_legacy: bool = False) -> Envelope:
+def read_envelope(
+    der: bytes, recipient: x509.Certificate | Sequence[x509.Certificate], allow_legacy: bool = False
+) -> Envelope:
     """Read an EnvelopedData addressed to us, refusing legacy algorithms by default.
 
-    recipient is our certificate: clients may encrypt to several (micromdm adds the CA beside the RA)."""
+    recipient is our certificate, or all of ours that carry the same key (the RA and its encryption-only twin);
+    clients may encrypt to several (micromdm adds the CA beside the RA)."""
     try:
         info = cms.ContentInfo.load(der, strict=True)
         if info["content_type"].native != "enveloped_data":
@@ -451,7 +455,8 @@ def read_envelope(der: bytes, recipient: x509.Certificate, allow_legacy: bool = 
         enveloped = info["content"]
         encrypted_content = enveloped["encrypted_content_info"]
         algorithm = encrypted_content["content_encryption_algorithm"]
-        recipient_info = _key_trans_recipient(enveloped, recipient)
+        ours = [recipient] if isinstance(recipient, x509.Certificate) else list(recipient)
+        recipient_info = _key_trans_recipient(enveloped, ours)
         envelope = Envelope(
             cipher=_content_cipher(algorithm),
             transport=_key_transport(recipient_info["key_encryption_algorithm"]),
@@ -489,7 +494,7 @@ def seal_envelope(
 ) -> bytes:
     """Encrypt content to a recipient certificate as a CMS EnvelopedData (DER ContentInfo): RSA key transport,
     or ephemeral-static ECDH key agreement for an EC key (RFC 5753)."""
-    public_key = envelope_recipient_key(recipient, cipher)
+    public_key = envelope_recipient_key(recipient)
     content_key = os.urandom(_CIPHER_KEY_BYTES[cipher])
     iv = os.urandom(8 if cipher in (ContentCipher.DES, ContentCipher.DES3) else 16)
     ciphertext = _cbc_encrypt(cipher, content_key, iv, content)
@@ -512,17 +517,12 @@ def seal_envelope(
     return der.sequence(der.oid(OID_ENVELOPED_DATA), der.context(0, enveloped))
 
 
-def envelope_recipient_key(
-    certificate: x509.Certificate, cipher: ContentCipher
-) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-    """The key a reply in this cipher can be enveloped to (RSA, or EC on a curve with a key-agreement scheme);
-    else badAlg. AES key wrap takes keys of 16 bytes and more: no single DES content key for EC recipients."""
+def envelope_recipient_key(certificate: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The key a reply can be enveloped to (RSA, or EC on a curve with a key-agreement scheme); else badAlg."""
     public_key = certificate.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
         return public_key
     if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in _AGREEMENT_HASH_BY_CURVE:
-        if cipher in LEGACY_CIPHERS:
-            raise MessageError(FailInfo.BAD_ALG, "an EC signer's reply cannot be encrypted with single DES")
         return public_key
     raise MessageError(
         FailInfo.BAD_ALG, "the signer certificate's key can receive no envelope (RSA, EC P-256/P-384/P-521 only)"
@@ -587,23 +587,32 @@ def open_key_agreement_envelope(envelope_der: bytes, private_key: ec.EllipticCur
         ) from None
 
 
-def _key_trans_recipient(enveloped: cms.EnvelopedData, ours: x509.Certificate) -> cms.KeyTransRecipientInfo:
-    """Our key-transport RecipientInfo, by issuer and serial or key identifier; else the only one there is."""
+def _key_trans_recipient(
+    enveloped: cms.EnvelopedData, ours: Sequence[x509.Certificate]
+) -> cms.KeyTransRecipientInfo:
+    """The key-transport RecipientInfo that names one of our certificates (issuer and serial, or key identifier).
+
+    None naming ours means the request was encrypted to someone else's key (a CA certificate, an RA of another
+    server, an RA this server no longer has): refused rather than guessed at."""
     candidates = [r.chosen for r in enveloped["recipient_infos"] if r.name == "ktri"]
     if not candidates:
         raise MessageError(FailInfo.BAD_ALG, "no key-transport recipient (only RSA key transport is supported)")
     for candidate in candidates:
-        if _identifies(candidate["rid"], ours):
+        if any(_identifies(candidate["rid"], certificate) for certificate in ours):
             return candidate
-    return candidates[0]
+    raise MessageError(
+        FailInfo.BAD_MESSAGE_CHECK,
+        "the request is encrypted to a certificate that is not ours: no RecipientInfo names this server's RA "
+        "certificates (fetch GetCACert again and encrypt to the RA)",
+    )
 
 
 def _identifies(identifier: cms.RecipientIdentifier, certificate: x509.Certificate) -> bool:
     if identifier.name == "issuer_and_serial_number":
         chosen = identifier.chosen
-        return chosen["serial_number"].native == certificate.serial_number and chosen["issuer"].dump() == (
-            certificate.issuer.public_bytes()
-        )
+        if chosen["serial_number"].native != certificate.serial_number:
+            return False
+        return chosen["issuer"] == Asn1Name.load(certificate.issuer.public_bytes())  # RFC 5280 name matching
     return identifier.chosen.native == _subject_key_id(certificate)
 
 

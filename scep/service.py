@@ -71,9 +71,11 @@ class ScepService:
         return caps
 
     def ca_certificates(self) -> bytes:
-        """GetCACert: RA certificate first, then the issuing CA (and nothing above it)."""
+        """GetCACert: the RA, the issuing CA (nothing above it) and the RA's encryption-only twin when there is
+        one (clients written for NDES encrypt to it). The DER SET OF sorts them by encoding: the RA comes before
+        its twin (see ca.ra_encryption_certificate), so clients taking the first non-CA as the RA still do."""
         keys = self.custody.keys()
-        return msg.certs_only([keys.ra.certificate, keys.ca.certificate])
+        return msg.certs_only([keys.ra.certificate, keys.ca.certificate, *keys.ra_certificates()[1:]])
 
     def next_ca_certificates(self) -> bytes | None:
         """GetNextCACert: the next CA in a certs-only SignedData, signed by the current CA."""
@@ -142,7 +144,7 @@ class ScepService:
         if renewal is not None:
             _check_renewal_identity(renewal, csr)
         # what the reply needs is checked before anything is validated, signed, recorded or notified
-        msg.envelope_recipient_key(request.signer_certificate, envelope.cipher)
+        msg.envelope_recipient_key(request.signer_certificate)
         _check_request_key(csr, self.options.profile)
         enrollment = EnrollmentRequest(
             transaction_id=request.transaction_id,
@@ -285,7 +287,7 @@ class ScepService:
     def _envelope(self, keys: CaKeys, request: msg.PkiMessage) -> msg.Envelope:
         if not request.content:
             raise msg.MessageError(FailInfo.BAD_REQUEST, "the message has no pkcsPKIEnvelope")
-        return msg.read_envelope(request.content, keys.ra.certificate, self.options.allow_legacy)
+        return msg.read_envelope(request.content, keys.ra_certificates(), self.options.allow_legacy)
 
     def _renewal_signer(self, keys: CaKeys, request: msg.PkiMessage) -> x509.Certificate | None:
         """The signer certificate when this CA issued it, it is unexpired and not withheld; else None."""

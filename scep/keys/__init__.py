@@ -59,7 +59,9 @@ class CaKeys:
 
     ca: the issuing CA; ra: the RA that decrypts requests and signs CertReps (issued by ca);
     next_ca: a rolled-over CA served by GetNextCACert, if any; chain: certificates above ca (empty for a root);
-    retired: earlier CA certificates whose issued certificates may still renew.
+    retired: earlier CA certificates whose issued certificates may still renew;
+    ra_encryption: a second certificate over the RA's key with keyEncipherment only, for clients that pick the
+    request's recipient by key usage as NDES publishes it (None until `scep ca ra` has issued one).
     """
 
     ca: KeyHandle
@@ -67,6 +69,13 @@ class CaKeys:
     next_ca: KeyHandle | None = None
     chain: tuple[x509.Certificate, ...] = ()
     retired: tuple[x509.Certificate, ...] = ()
+    ra_encryption: x509.Certificate | None = None
+
+    def ra_certificates(self) -> tuple[x509.Certificate, ...]:
+        """Every certificate a request may be encrypted to: all of them carry the RA's key."""
+        if self.ra_encryption is None:
+            return (self.ra.certificate,)
+        return (self.ra.certificate, self.ra_encryption)
 
     def trusted_issuers(self) -> list[x509.Certificate]:
         """CA certificates whose issued certificates this server accepts as renewal signers."""
@@ -74,6 +83,13 @@ class CaKeys:
         if self.next_ca is not None:
             issuers.append(self.next_ca.certificate)
         return issuers
+
+
+def encryption_twin(ra: x509.Certificate, candidate: x509.Certificate | None) -> x509.Certificate | None:
+    """candidate if it is an RA encryption certificate for ra (same key, same issuer), else None."""
+    if candidate is None or candidate.issuer != ra.issuer or candidate.public_key() != ra.public_key():
+        return None
+    return candidate
 
 
 class Custody(Protocol):
@@ -152,6 +168,10 @@ class KeyHome(Custody, Protocol):
 
     def promote(self) -> None:
         """Make the next CA the current one; the previous current CA becomes retired."""
+        ...
+
+    def attach_ra_encryption(self, certificate: x509.Certificate) -> None:
+        """Keep an encryption-only certificate over the current RA's key beside the RA (replacing any earlier one)."""
         ...
 
     def inventory(self) -> list[KeyInfo]: ...

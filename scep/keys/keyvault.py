@@ -11,6 +11,9 @@ Layout in the vault:
                           the PEM certificates above that CA version (subordinate CA only). Key Vault
                           stores a merged chain inside the certificate's own secret, but GET certificate
                           returns only the leaf, so the chain is kept next to it.
+  secret <ra_name>-encryption-<version>
+                          the RA version's encryption-only certificate (PEM, keyEncipherment only, over the
+                          same key: unwrapKey works for it); the RA version's tag scep-encryption says it exists.
 
 Warm path: certificates and CryptographyClients are cached per process, CryptographyClients are built
 from the key id and the public key in the certificate (no key GET), so an enrollment costs exactly the
@@ -42,6 +45,7 @@ from . import (
     PendingKey,
     SignaturePadding,
     Slot,
+    encryption_twin,
 )
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ TAG_ROLE = "scep-role"
 TAG_SLOT = "scep-slot"
 TAG_CHAIN = "scep-chain"
 TAG_SIGNER = "scep-signer"
+TAG_ENCRYPTION = "scep-encryption"
 ROLE_CURRENT = "current"
 ROLE_NEXT = "next"
 ROLE_RETIRED = "retired"
@@ -385,6 +390,7 @@ class KeyVaultHome:
             next_ca=self._handle(next_ca) if next_ca is not None else None,
             chain=tuple(self._chain(current)),
             retired=tuple(retired),
+            ra_encryption=self._ra_encryption(ra),
         )
 
     def _handle(self, item: _Version) -> KeyVaultKeyHandle:
@@ -407,13 +413,39 @@ class KeyVaultHome:
     def _chain(self, item: _Version) -> list[x509.Certificate]:
         if item.tags.get(TAG_CHAIN) != CHAIN_IN_SECRET:
             return []
-        name = self._chain_secret_name(item.name, item.version)
+        return self._pem_secret(self._chain_secret_name(item.name, item.version))
+
+    def _pem_secret(self, name: str) -> list[x509.Certificate]:
         secret = _vault_call(f"get secret {name}", lambda: self._secrets.get_secret(name))
         return x509.load_pem_x509_certificates(str(secret.value).encode("ascii"))
 
     @staticmethod
     def _chain_secret_name(certificate_name: str, version: str) -> str:
         return f"{certificate_name}-chain-{version}"
+
+    # The RA's encryption-only certificate (a secret beside the RA version, like a CA's chain)
+
+    def _ra_encryption(self, ra: _Version) -> x509.Certificate | None:
+        if ra.tags.get(TAG_ENCRYPTION) != CHAIN_IN_SECRET:
+            return None  # an RA issued before encryption certificates existed: served without one
+        stored = self._pem_secret(self._encryption_secret_name(ra))
+        return encryption_twin(self._handle(ra).certificate, stored[0] if stored else None)
+
+    @staticmethod
+    def _encryption_secret_name(ra: _Version) -> str:
+        return f"{ra.name}-encryption-{ra.version}"
+
+    def attach_ra_encryption(self, certificate: x509.Certificate) -> None:
+        ra = _newest(self._list_versions(self.ra_name), ROLE_CURRENT)
+        if ra is None or encryption_twin(self._handle(ra).certificate, certificate) is None:
+            raise CustodyError("the encryption certificate is not over the current RA's key")
+        name = self._encryption_secret_name(ra)
+        pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        _vault_call(
+            f"store {name}", lambda: self._secrets.set_secret(name, pem, content_type="application/x-pem-file")
+        )
+        self._set_tags(ra, {**ra.tags, TAG_ENCRYPTION: CHAIN_IN_SECRET})
+        self.invalidate()
 
     def _list_versions(self, name: str) -> list[_Version]:
         from azure.core.exceptions import ResourceNotFoundError
@@ -647,7 +679,9 @@ class KeyVaultHome:
         )
 
     def _set_role(self, item: _Version, role: str) -> None:
-        tags = {**item.tags, TAG_ROLE: role}
+        self._set_tags(item, {**item.tags, TAG_ROLE: role})
+
+    def _set_tags(self, item: _Version, tags: dict[str, str]) -> None:
         _vault_call(
             f"tag {item.name}/{item.version}",
             lambda: self._certificates.update_certificate_properties(item.name, item.version, tags=tags),

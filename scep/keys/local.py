@@ -1,8 +1,9 @@
 """Local key custody: PEM files in the data directory (the embedded default).
 
 Layout of the directory: `<slot>.pem` (certificate), `<slot>.key` (private key, mode 0600), `<slot>.chain.pem`
-(certificates above a subordinate CA), `<slot>.pending.key` (a key waiting for its certificate) and `retired/`
-(earlier CA certificates). Slots are `ca`, `next-ca` and `ra`.
+(certificates above a subordinate CA), `<slot>.pending.key` (a key waiting for its certificate), `retired/`
+(earlier CA certificates) and `ra.encryption.pem` (the RA's encryption-only certificate over `ra.key`). Slots are
+`ca`, `next-ca` and `ra`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from scep.keys import CaKeys, CustodyError, KeyInfo, KeySpec, KeyTransport, PendingKey, SignaturePadding, Slot
+from scep.keys import (
+    CaKeys,
+    CustodyError,
+    KeyInfo,
+    KeySpec,
+    KeyTransport,
+    PendingKey,
+    SignaturePadding,
+    Slot,
+    encryption_twin,
+)
 from scep.message import HASHES, LEGACY_HASHES, rsa_decrypt
 
 RELOAD_CHECK_SECONDS = 2.0
@@ -166,13 +177,29 @@ class LocalHome:
         if not (self.exists(Slot.CA) and self.exists(Slot.RA)):
             raise CustodyError(f"no CA and RA in {self.directory}: run `scep ca init` (or `scep serve`)")
         next_ca = self.handle(Slot.NEXT_CA) if self.exists(Slot.NEXT_CA) else None
+        ra = self.handle(Slot.RA)
         return CaKeys(
             ca=self.handle(Slot.CA),
-            ra=self.handle(Slot.RA),
+            ra=ra,
             next_ca=next_ca,
             chain=tuple(self._chain(Slot.CA)),
             retired=tuple(c for c in self._retired() if c.not_valid_after_utc > _utcnow()),
+            ra_encryption=encryption_twin(ra.certificate, self._ra_encryption()),
         )
+
+    def attach_ra_encryption(self, certificate: x509.Certificate) -> None:
+        if encryption_twin(self.handle(Slot.RA).certificate, certificate) is None:
+            raise CustodyError("the encryption certificate is not over the current RA's key")
+        _write_public(self._ra_encryption_path(), certificate.public_bytes(serialization.Encoding.PEM))
+        self._invalidate()
+
+    def _ra_encryption(self) -> x509.Certificate | None:
+        """The RA's encryption certificate; one left over from an earlier RA key is ignored by encryption_twin."""
+        path = self._ra_encryption_path()
+        return x509.load_pem_x509_certificate(path.read_bytes()) if path.exists() else None
+
+    def _ra_encryption_path(self) -> Path:
+        return self._path(Slot.RA, ".encryption.pem")
 
     def handle(self, slot: Slot) -> LocalKey:
         key = serialization.load_pem_private_key(self._path(slot, ".key").read_bytes(), password=None)
@@ -207,13 +234,12 @@ class LocalHome:
 
     def _file_stamp(self) -> tuple:
         stamp = []
-        for slot in Slot:
-            path = self._path(slot, ".pem")
+        for path in [*(self._path(slot, ".pem") for slot in Slot), self._ra_encryption_path()]:
             try:
                 stat = path.stat()
-                stamp.append((slot.value, stat.st_mtime_ns, stat.st_ino))
+                stamp.append((path.name, stat.st_mtime_ns, stat.st_ino))
             except FileNotFoundError:
-                stamp.append((slot.value, None, None))
+                stamp.append((path.name, None, None))
         return tuple(stamp)
 
     def _invalidate(self) -> None:
