@@ -60,13 +60,17 @@ class Expiry:
     def not_after(self) -> datetime:
         return self.certificate.not_valid_after_utc
 
-    def describe(self) -> str:
+    def log(self) -> None:
+        """One line naming the certificate, its expiry and what to do: WARNING while it lasts, ERROR after."""
         subject = self.certificate.subject.rfc4514_string()
         when = f"{self.not_after:%Y-%m-%d %H:%M} UTC"
         if self.state is ExpiryState.EXPIRED:
-            return f"the {self.role} certificate {subject} expired on {when}: {ADVICE[self.role]}"
-        left = f"in {self.days_left} days"
-        return f"the {self.role} certificate {subject} expires on {when} ({left}): {ADVICE[self.role]}"
+            log.error("the %s certificate %s expired on %s: " + ADVICE[self.role], self.role, subject, when)
+        else:
+            log.warning(
+                "the %s certificate %s expires on %s (in %d days): " + ADVICE[self.role],
+                self.role, subject, when, self.days_left,
+            )
 
 
 def expiry_of(keys: CaKeys, now: datetime | None = None, warning_days: int = EXPIRY_WARNING_DAYS) -> list[Expiry]:
@@ -106,8 +110,7 @@ def report_expiry(keys: CaKeys, now: datetime | None = None) -> None:
             if seen in _reported:
                 continue
             _reported.add(seen)
-        level = logging.ERROR if expiry.state is ExpiryState.EXPIRED else logging.WARNING
-        log.log(level, "%s", expiry.describe())
+        expiry.log()
 
 
 def renew_ra_if_due(
