@@ -121,7 +121,8 @@ def renew_ra_if_due(
     At most one instance renews: the others find the claim taken, or the RA already renewed.
     """
     now = now or datetime.now(timezone.utc)
-    if not _due(home.keys().ra.certificate, home.keys().ca.certificate, renew_days, now):
+    cached = home.keys()
+    if not _due(cached.ra.certificate, cached.ca.certificate, renew_days, now):
         return None  # the cached view suffices on an ordinary day: no store write
     claim = store.claim(RA_RENEWAL_TRANSACTION, RENEWAL_CLAIM_KEY, RENEWAL_LEASE)
     if claim.outcome is not ClaimOutcome.CLAIMED:

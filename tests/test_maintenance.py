@@ -80,7 +80,8 @@ def test_no_device_can_take_the_renewal_transaction(home, tmp_path, keys):
     ra, _ = ra_and_ca(service)
     key = keys.new()
     enrollment = new_enrollment(key, make_csr(key, "squatter", CHALLENGE), transaction_id=RA_RENEWAL_TRANSACTION)
-    reply = web.handle_scep(service, "POST", {"operation": "PKIOperation"}, build_request(enrollment, ra, RequestOptions()))
+    request = build_request(enrollment, ra, RequestOptions())
+    reply = web.handle_scep(service, "POST", {"operation": "PKIOperation"}, request)
     assert reply.status == 400  # a transactionID longer than 256 characters is refused before any claim
     assert service.store.transaction_state(RA_RENEWAL_TRANSACTION) is None
 
