@@ -50,10 +50,10 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
-@description('Spread the function app across availability zones (needs a region with zones for Flex Consumption).')
+@description('Spread the function app across availability zones (needs a region with zones for Flex Consumption). Costs money while idle: a zone-redundant Flex Consumption app always keeps at least two always-ready HTTP instances, billed as always-ready, so alwaysReadyInstances is raised to 2.')
 param zoneRedundant bool = false
 
-@description('HTTP instances kept warm (0: scale to zero, first request after idle waits for a cold start).')
+@description('HTTP instances kept warm, billed while idle (0: scale to zero, first request after idle waits for a cold start; at least 2 with zoneRedundant).')
 @minValue(0)
 @maxValue(20)
 param alwaysReadyInstances int = 0
@@ -95,12 +95,17 @@ param scepChallengeMode string = 'intune'
 @maxValue(3650)
 param scepCertValidityDays int = 365
 
-@description('Key Vault secret holding the static challenge (SCEP_CHALLENGE is a Key Vault reference to it).')
+@description('SCEP_CHALLENGE_SECRET_NAME: Key Vault secret holding the static challenge; the app reads it by name at run time.')
 param staticChallengeSecretName string = 'scep-challenge'
 
 @secure()
-@description('Static challenge to store in Key Vault. Empty: keep the stored secret (create it yourself if the mode includes static).')
+@description('Static challenge to store in Key Vault (modes with static). Empty: generatedStaticChallenge is stored instead, so a static deployment never runs without a challenge.')
 param staticChallenge string = ''
+
+@secure()
+//checkov:skip=CKV_AZURE_131:The default is newGuid(), a fresh random value per deployment, which Bicep's secure-parameter-default rule allows; nothing is hard-coded.
+@description('Used when staticChallenge is empty: a fresh random GUID (122 random bits) on every deployment. Set staticChallenge to keep one challenge across deployments.')
+param generatedStaticChallenge string = newGuid()
 
 @description('INTUNE_TENANT_ID: tenant whose Intune validates challenges.')
 param intuneTenantId string = tenant().tenantId
@@ -123,7 +128,7 @@ param intuneClientSecretName string = 'intune-client-secret'
 @description('Client secret to store in Key Vault (secret mode). Empty: keep the stored secret.')
 param intuneClientSecret string = ''
 
-@description('Grant the Intune API scep_challenge_provider and Graph Application.Read.All roles during deployment (needs Privileged Role Administrator). false: the intunePermissionCommands output lists what an administrator runs.')
+@description('Have the Intune API scep_challenge_provider and Graph Application.Read.All roles granted: the federated app registration is created here, and the post-provision hook grants the roles (`scep intune grant`, needs Privileged Role Administrator). false: the INTUNE_PERMISSION_COMMANDS output lists what an administrator runs.')
 param grantIntunePermissions bool = false
 
 @description('Name (uniqueName and display name) of the app registration created in federated mode. Empty: generated.')
@@ -136,18 +141,14 @@ param webhookSecretName string = ''
 @description('Webhook shared secret to store under webhookSecretName. Empty: keep the stored secret.')
 param webhookSecret string = ''
 
-@description('Object id of who runs `scep ca init` (azd sets it to the signed-in user). Empty: no deployer roles on the vault.')
+@description('Object id of who runs `scep ca init` (azd sets it to its signed-in user or service principal). Empty: no deployer roles on the vault.')
 param deployerPrincipalId string = ''
 
-@allowed([
-  'User'
-  'Group'
-  'ServicePrincipal'
-])
-param deployerPrincipalType string = 'User'
-
-@description('Also give the deployer Key Vault Secrets Officer (needed by `scep ca import` for a subordinate CA, and to set secrets with az keyvault secret set).')
+@description('Also give the deployer Key Vault Secrets Officer (needed by `scep ca import` for a subordinate CA, to set secrets, and to read a generated static challenge).')
 param deployerWritesSecrets bool = false
+
+@description('Refuse plain HTTP (redirect to HTTPS). false only for devices or routers that cannot speak HTTPS to SCEP: SCEP messages are signed and encrypted, but the challenge and the CA download then cross the network in the clear.')
+param httpsOnly bool = true
 
 var resourceToken = toLower(uniqueString(resourceGroup().id, environmentName, location))
 var tags = {
@@ -157,6 +158,8 @@ var tags = {
 var appName = !empty(functionAppName) ? functionAppName : 'func-scep-${resourceToken}'
 var applicationName = !empty(intuneApplicationName) ? intuneApplicationName : 'scep-intune-${resourceToken}'
 var deploymentContainerName = 'deployment-package'
+var staticChallengeEnabled = contains(split(scepChallengeMode, ','), 'static')
+var createApplication = grantIntunePermissions && intuneAuth == 'federated' && empty(intuneClientId)
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
   name: 'id-scep-${resourceToken}'
@@ -198,11 +201,11 @@ module keyVault 'modules/keyvault.bicep' = {
     skuName: keyVaultSku
     identityPrincipalId: identity.properties.principalId
     deployerPrincipalId: deployerPrincipalId
-    deployerPrincipalType: deployerPrincipalType
     deployerWritesSecrets: deployerWritesSecrets
     auditWorkspaceId: vaultAuditLog ? monitoring.outputs.workspaceId : ''
     staticChallengeSecretName: staticChallengeSecretName
-    staticChallenge: staticChallenge
+    // Static modes always store a challenge: the deployer's, or a generated one. Intune-only stores none.
+    staticChallenge: staticChallengeEnabled ? (empty(staticChallenge) ? generatedStaticChallenge : staticChallenge) : ''
     intuneClientSecretName: intuneClientSecretName
     intuneClientSecret: intuneClientSecret
     webhookSecretName: webhookSecretName
@@ -210,18 +213,16 @@ module keyVault 'modules/keyvault.bicep' = {
   }
 }
 
-module intunePermissions 'modules/intune-permissions.bicep' = if (grantIntunePermissions) {
-  name: 'intune-permissions'
+module intuneApplication 'modules/intune-application.bicep' = if (createApplication) {
+  name: 'intune-application'
   params: {
-    mode: intuneAuth
     identityPrincipalId: identity.properties.principalId
     applicationName: applicationName
-    existingClientId: intuneClientId
   }
 }
 
 // The app registration created here (federated mode) wins over the parameter; otherwise the parameter is used.
-var effectiveIntuneClientId = intuneAuth == 'managed-identity' ? '' : (grantIntunePermissions && intuneAuth == 'federated' && empty(intuneClientId) ? intunePermissions.outputs.clientId : intuneClientId)
+var effectiveIntuneClientId = intuneAuth == 'managed-identity' ? '' : (createApplication ? intuneApplication.outputs.clientId : intuneClientId)
 
 module functionApp 'modules/function-app.bicep' = {
   name: 'function-app'
@@ -235,7 +236,6 @@ module functionApp 'modules/function-app.bicep' = {
     identityId: identity.id
     identityClientId: identity.properties.clientId
     blobEndpoint: storage.outputs.blobEndpoint
-    queueEndpoint: storage.outputs.queueEndpoint
     tableEndpoint: storage.outputs.tableEndpoint
     deploymentContainerUrl: storage.outputs.deploymentContainerUrl
     applicationInsightsConnectionString: monitoring.outputs.connectionString
@@ -251,7 +251,8 @@ module functionApp 'modules/function-app.bicep' = {
     tablePrefix: scepTablePrefix
     challengeMode: scepChallengeMode
     certValidityDays: scepCertValidityDays
-    staticChallengeSecretName: staticChallengeSecretName
+    staticChallengeSecretName: staticChallengeEnabled ? staticChallengeSecretName : ''
+    httpsOnly: httpsOnly
     intuneTenantId: intuneTenantId
     intuneClientId: effectiveIntuneClientId
     intuneAuth: intuneAuth
@@ -321,6 +322,12 @@ output SCEP_IDENTITY_PRINCIPAL_ID string = identity.properties.principalId
 output INTUNE_TENANT_ID string = intuneTenantId
 output INTUNE_AUTH string = intuneAuth
 output INTUNE_CLIENT_ID string = effectiveIntuneClientId
+
+@description('true: the post-provision hook grants the Intune app roles (scep intune grant) to the identity or the app registration.')
+output SCEP_GRANT_INTUNE_PERMISSIONS bool = grantIntunePermissions
+
+@description('Key Vault secret holding the static challenge (empty in intune-only mode).')
+output SCEP_CHALLENGE_SECRET_NAME string = staticChallengeEnabled ? staticChallengeSecretName : ''
 
 @description('Commands an administrator runs to grant the Intune permissions; empty when the deployment granted them.')
 output INTUNE_PERMISSION_COMMANDS array = grantIntunePermissions ? [] : permissionCommands

@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     intune_commands = intune.add_subparsers(title="intune commands")
     check = intune_commands.add_parser("check", help="token, discovery and a validateRequest round trip")
     check.set_defaults(run=_intune_check)
+    grant = intune_commands.add_parser("grant", help="grant the Intune app roles to a principal (post-provision)")
+    grantee = grant.add_mutually_exclusive_group(required=True)
+    grantee.add_argument("--principal-id", help="object id of the service principal (a managed identity)")
+    grantee.add_argument("--client-id", help="client (application) id of an app registration")
+    grant.add_argument("--wait", type=float, default=900.0, help="seconds to wait for Entra replication (900)")
+    grant.set_defaults(run=_intune_grant)
     return parser
 
 
@@ -366,6 +372,23 @@ def _intune_check(args) -> int:
     for line in report.lines:
         print(line)
     return 0 if report.ok else 1
+
+
+def _intune_grant(args) -> int:
+    from scep.intune.grant import GrantError, GraphApi, grant_intune_roles
+    from scep.keys.azure_credentials import build_credential
+
+    # Only the Graph URL and the credential matter here, not the app's other settings.
+    api = GraphApi(build_credential(), config.Settings(dict(os.environ)).get("INTUNE_GRAPH_URL"))
+    try:
+        lines = grant_intune_roles(
+            api, principal_id=args.principal_id, client_id=args.client_id, wait_seconds=args.wait
+        )
+    except GrantError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":

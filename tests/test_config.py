@@ -12,6 +12,7 @@ from scep.config import SETTINGS, ConfigError, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"SCEP_CHALLENGE": "secret"}
+TABLES = {"SCEP_TABLES_ENDPOINT": "https://account.table.core.windows.net"}  # Azure table names apply
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,9 @@ BASE = {"SCEP_CHALLENGE": "secret"}
         ({"SCEP_ALLOWED_EKUS": "clientAuth,teleportation"}, "SCEP_ALLOWED_EKUS"),
         ({"SCEP_STORE": "postgres"}, "SCEP_STORE"),
         ({"SCEP_STORE": "tables"}, "SCEP_TABLES_ENDPOINT"),
+        ({**TABLES, "SCEP_TABLE_PREFIX": "9lives"}, "SCEP_TABLE_PREFIX"),
+        ({**TABLES, "SCEP_TABLE_PREFIX": "scep-ca"}, "SCEP_TABLE_PREFIX"),
+        ({**TABLES, "SCEP_TABLE_PREFIX": "x" * 52}, "SCEP_TABLE_PREFIX"),
         ({"KEY_VAULT_URL": "http://vault.example"}, "KEY_VAULT_URL"),
         ({"KEY_VAULT_REFRESH_SECONDS": "-1"}, "KEY_VAULT_REFRESH_SECONDS"),
         ({"SCEP_CHALLENGE_MODE": "intune"}, "INTUNE_TENANT_ID"),

@@ -13,7 +13,6 @@ param identityId string
 param identityClientId string
 
 param blobEndpoint string
-param queueEndpoint string
 param tableEndpoint string
 
 @description('URL of the blob container the platform deploys the package from.')
@@ -46,8 +45,11 @@ param instanceMemoryMB int
 @minValue(0)
 param alwaysReadyInstances int
 
-@description('Spread instances across availability zones (the region must offer zones for Flex Consumption).')
+@description('Spread instances across availability zones (the region must offer zones for Flex Consumption). The platform then keeps at least two always-ready instances, billed as always-ready ("Reliability in Azure Functions"); the plan below says so explicitly.')
 param zoneRedundant bool
+
+@description('Redirect plain HTTP to HTTPS. false lets devices and routers that cannot speak HTTPS enrol over HTTP.')
+param httpsOnly bool
 
 @description('Concurrent HTTP requests per instance; also the Python thread pool size (functions are synchronous).')
 @minValue(1)
@@ -59,6 +61,7 @@ param raCertName string
 param tablePrefix string
 param challengeMode string
 param certValidityDays int
+@description('Key Vault secret holding the static challenge; empty when the mode has no static challenge.')
 param staticChallengeSecretName string
 param intuneTenantId string
 param intuneClientId string
@@ -66,8 +69,9 @@ param intuneAuth string
 param intuneClientSecretName string
 param webhookSecretName string
 
-var staticChallengeEnabled = contains(split(challengeMode, ','), 'static')
-var staticChallengeReference = '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/${staticChallengeSecretName}/)'
+// A zone-redundant Flex Consumption app always keeps two always-ready instances; ask for them, so that what is
+// billed is what the template says.
+var alwaysReadyHttpInstances = zoneRedundant ? max(2, alwaysReadyInstances) : alwaysReadyInstances
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   //checkov:skip=CKV_AZURE_225:Zone redundancy is the zoneRedundant parameter (off by default: not every Flex region has zones).
@@ -92,6 +96,9 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   //checkov:skip=CKV_AZURE_17:Devices enrol before they hold a certificate; SCEP messages are signed and challenge-checked.
   //checkov:skip=CKV_AZURE_212:Flex Consumption scales out on demand; warm instances are the alwaysReadyInstances parameter.
   //checkov:skip=CKV_AZURE_213:Instance health is managed by the Flex Consumption platform; App Service health check is not used.
+  //checkov:skip=CKV_AZURE_78:ARM rejects siteConfig FTPS state on Flex Consumption; FTP is off by the ftp basicPublishingCredentialsPolicies.
+  //checkov:skip=CKV_AZURE_14:HTTPS-only is the httpsOnly parameter, true by default; false only for routers that cannot speak HTTPS.
+  //checkov:skip=CKV_AZURE_153:Same httpsOnly parameter as CKV_AZURE_14 (this template deploys no slots).
   name: name
   location: location
   tags: tags
@@ -104,13 +111,14 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   }
   properties: {
     serverFarmId: plan.id
-    httpsOnly: true
+    httpsOnly: httpsOnly
     publicNetworkAccess: 'Enabled'
     keyVaultReferenceIdentity: identityId
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
-      ftpsState: 'Disabled'
+      // No FTPS state here: ARM rejects that site property on Flex Consumption ("Flex Consumption plan
+      // deprecations", app settings reference); FTP stays off through basicPublishingCredentialsPolicies below.
       http20Enabled: true
       // Every setting the app reads in Azure. FUNCTIONS_WORKER_RUNTIME, FUNCTIONS_EXTENSION_VERSION and
       // WEBSITE_RUN_FROM_PACKAGE are not set: Flex Consumption takes them from functionAppConfig and rejects them.
@@ -126,10 +134,6 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'AzureWebJobsStorage__blobServiceUri'
           value: blobEndpoint
-        }
-        {
-          name: 'AzureWebJobsStorage__queueServiceUri'
-          value: queueEndpoint
         }
         {
           name: 'AzureWebJobsStorage__tableServiceUri'
@@ -180,8 +184,10 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
           value: challengeMode
         }
         {
-          name: 'SCEP_CHALLENGE'
-          value: staticChallengeEnabled ? staticChallengeReference : ''
+          // Read by name at run time, never as a Key Vault reference: an unresolved reference would leave its own
+          // predictable text as the value.
+          name: 'SCEP_CHALLENGE_SECRET_NAME'
+          value: staticChallengeSecretName
         }
         {
           name: 'SCEP_CERT_VALIDITY_DAYS'
@@ -223,10 +229,10 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
-        alwaysReady: (alwaysReadyInstances > 0) ? [
+        alwaysReady: (alwaysReadyHttpInstances > 0) ? [
           {
             name: 'http'
-            instanceCount: alwaysReadyInstances
+            instanceCount: alwaysReadyHttpInstances
           }
         ] : []
         triggers: {

@@ -27,7 +27,6 @@ param deployerPrincipalId string
   'Group'
   'ServicePrincipal'
 ])
-param deployerPrincipalType string
 
 @description('Also give the deployer Key Vault Secrets Officer: `scep ca import` stores a subordinate CA chain as a secret.')
 param deployerWritesSecrets bool
@@ -153,8 +152,9 @@ resource deployerRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-0
   scope: vault
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleId)
+    // No principalType: the deployer may be a user or, in CI, a service principal; a wrong type fails the
+    // assignment (UnmatchedPrincipalType), and without it ARM looks the principal up itself.
     principalId: deployerPrincipalId
-    principalType: deployerPrincipalType
   }
 }]
 

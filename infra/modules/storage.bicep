@@ -28,7 +28,6 @@ param tablePrefix string
 param identityPrincipalId string
 
 var storageBlobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
-var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 var storageTableDataContributor = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
 
 // The function endpoints are public (devices enrol from anywhere) and Flex Consumption without a virtual
@@ -121,10 +120,9 @@ resource certificatesTable 'Microsoft.Storage/storageAccounts/tableServices/tabl
 }
 
 // Blob Data Owner: the host's own blob state and the deployment package (the platform reads it with this
-// identity). Queue Data Contributor: host queues. Table Data Contributor: the SCEP inventory.
+// identity). Table Data Contributor: the SCEP inventory. No queue role: an HTTP-only app uses no host queues.
 var identityRoles = [
   storageBlobDataOwner
-  storageQueueDataContributor
   storageTableDataContributor
 ]
 
@@ -140,7 +138,6 @@ resource identityRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-0
 
 output name string = account.name
 output blobEndpoint string = account.properties.primaryEndpoints.blob
-output queueEndpoint string = account.properties.primaryEndpoints.queue
 output tableEndpoint string = account.properties.primaryEndpoints.table
 output deploymentContainerUrl string = '${account.properties.primaryEndpoints.blob}${deploymentContainer.name}'
 output transactionsTableName string = transactionsTable.name

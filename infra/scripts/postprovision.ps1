@@ -1,11 +1,14 @@
 # Creates the SCEP CA and RA certificates in the deployed Key Vault, once (Windows counterpart of
 # postprovision.sh; same environment variables). Idempotent: when `scep ca show` finds the CA, nothing is created
-# (only a missing RA is issued). `scep ca init` issues the RA together with the CA.
+# (only a missing RA is issued). `scep ca init` issues the RA together with the CA. With
+# SCEP_GRANT_INTUNE_PERMISSIONS=true it then grants the Intune app roles (`scep intune grant`).
+# Every Azure call is made as the account azd signed in (SCEP_AZURE_CREDENTIAL=azd), never as whoever `az` is.
 $ErrorActionPreference = 'Stop'
 
 if (-not $env:KEY_VAULT_URL) { throw 'KEY_VAULT_URL is not set: it is an output of infra/main.bicep' }
 if (-not $env:SCEP_CA_CERT_NAME) { $env:SCEP_CA_CERT_NAME = 'scep-ca' }
 if (-not $env:SCEP_RA_CERT_NAME) { $env:SCEP_RA_CERT_NAME = 'scep-ra' }
+if (-not $env:SCEP_AZURE_CREDENTIAL) { $env:SCEP_AZURE_CREDENTIAL = 'azd' }
 
 $repoRoot = (Resolve-Path (Join-Path $PSScriptRoot '..\..')).Path
 
@@ -22,32 +25,47 @@ function Find-Scep {
     return $venvScep
 }
 
-function Wait-VaultAccess {
-    if (-not (Get-Command az -ErrorAction SilentlyContinue)) { return }
-    $vaultName = ([Uri]$env:KEY_VAULT_URL).Host.Split('.')[0]
-    foreach ($attempt in 1..20) {
-        az keyvault certificate list --vault-name $vaultName --output none 2>$null
-        if ($LASTEXITCODE -eq 0) { return }
-        Write-Host "Waiting for Key Vault access to propagate ($attempt/20)..."
+# Role assignments made by the deployment can take minutes to reach Key Vault: while the vault refuses this
+# identity (HTTP 403), wait and ask again. Returns the inventory lines, or $null when there is no CA.
+function Read-Inventory {
+    $attempts = 20
+    foreach ($attempt in 1..$attempts) {
+        $output = & $scep ca show 2>&1 | ForEach-Object { "$_" }
+        if ($LASTEXITCODE -eq 0) { return $output }
+        $text = $output -join "`n"
+        if ($text -like '*no CA in*') { return $null }
+        if ($text -notlike '*HTTP 403*') { throw "scep ca show failed: $text" }
+        Write-Host "Waiting for Key Vault access to propagate ($attempt/$attempts)..."
         Start-Sleep -Seconds 30
     }
-    throw "Still no access to ${vaultName}: is the deployer's Key Vault Certificates Officer role assigned?"
+    throw "Still no access to $($env:KEY_VAULT_URL): is the deployer's Key Vault Certificates Officer role assigned?"
+}
+
+function Grant-IntunePermissions {
+    if ($env:SCEP_GRANT_INTUNE_PERMISSIONS -ne 'true') { return }
+    if (-not $env:INTUNE_AUTH -or $env:INTUNE_AUTH -eq 'managed-identity') {
+        & $scep intune grant --principal-id $env:SCEP_IDENTITY_PRINCIPAL_ID
+    } else {
+        & $scep intune grant --client-id $env:INTUNE_CLIENT_ID
+    }
+    if ($LASTEXITCODE -ne 0) { throw 'scep intune grant failed' }
 }
 
 $scep = Find-Scep
-Wait-VaultAccess
 
-$inventory = & $scep ca show
-if ($LASTEXITCODE -eq 0) {
+$inventory = Read-Inventory
+if ($inventory) {
     $inventory | Write-Host
     if ($inventory | Where-Object { $_ -like '`[ra`]*' }) {
         Write-Host "CA '$($env:SCEP_CA_CERT_NAME)' already exists in $($env:KEY_VAULT_URL): nothing to create."
+        Grant-IntunePermissions
         exit 0
     }
     Write-Host "The CA exists without an RA: issuing RA certificate '$($env:SCEP_RA_CERT_NAME)'"
     & $scep ca ra issue
     if ($LASTEXITCODE -ne 0) { throw 'scep ca ra issue failed' }
     & $scep ca show
+    Grant-IntunePermissions
     exit 0
 }
 
@@ -63,3 +81,4 @@ Write-Host "Creating CA '$($env:SCEP_CA_CERT_NAME)' and RA '$($env:SCEP_RA_CERT_
 & $scep ca init @arguments
 if ($LASTEXITCODE -ne 0) { throw 'scep ca init failed' }
 & $scep ca show
+Grant-IntunePermissions

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Creates the SCEP CA and RA certificates in the deployed Key Vault, once (`scep ca init` issues both).
+# Creates the SCEP CA and RA certificates in the deployed Key Vault, once (`scep ca init` issues both), then,
+# with SCEP_GRANT_INTUNE_PERMISSIONS=true, grants the Intune app roles (`scep intune grant`, which waits out
+# Entra's replication of a principal created by the deployment).
 # Run by `azd up` / `azd provision` after the infrastructure exists (azd exports the Bicep outputs), or by hand:
 #   KEY_VAULT_URL=https://kv-scep-xxxx.vault.azure.net/ infra/scripts/postprovision.sh
 # Idempotent: when `scep ca show` finds the CA, nothing is created (only a missing RA is issued).
+#
+# Identity: every Azure call is made as the account azd signed in (SCEP_AZURE_CREDENTIAL=azd), which is the
+# deployer the Bicep gave the vault roles to; whatever `az` is signed in as plays no part. Set
+# SCEP_AZURE_CREDENTIAL=default to use DefaultAzureCredential instead (e.g. a CI service principal's environment).
 #
 # Optional environment (e.g. `azd env set SCEP_CA_SUBJECT "CN=Contoso Device CA,O=Contoso"`):
 #   SCEP_CA_SUBJECT, SCEP_CA_DAYS, SCEP_CA_KEY_TYPE (RSA|EC), SCEP_CA_KEY_SIZE (2048|3072|4096), SCEP_CA_CURVE
@@ -12,6 +18,7 @@ set -euo pipefail
 
 : "${KEY_VAULT_URL:?KEY_VAULT_URL is not set: it is an output of infra/main.bicep}"
 export KEY_VAULT_URL
+export SCEP_AZURE_CREDENTIAL="${SCEP_AZURE_CREDENTIAL:-azd}"
 export SCEP_CA_CERT_NAME="${SCEP_CA_CERT_NAME:-scep-ca}"
 export SCEP_RA_CERT_NAME="${SCEP_RA_CERT_NAME:-scep-ra}"
 
@@ -29,19 +36,23 @@ find_scep() {
     echo "$repo_root/.venv/bin/scep"
 }
 
-# Role assignments made by the deployment can take minutes to reach Key Vault. With the az CLI at hand,
-# wait until the signed-in identity may list certificates before touching the CA.
-wait_for_vault_access() {
-    command -v az >/dev/null 2>&1 || return 0
-    local vault_name="${KEY_VAULT_URL#https://}"
-    vault_name="${vault_name%%.*}"
-    for attempt in $(seq 1 20); do
-        if az keyvault certificate list --vault-name "$vault_name" --output none 2>/dev/null; then return 0; fi
-        echo "Waiting for Key Vault access to propagate ($attempt/20)..." >&2
-        sleep 30
+# Role assignments made by the deployment can take minutes to reach Key Vault: while the vault refuses this
+# identity (HTTP 403), wait and ask again. Prints the inventory and returns 0 when a CA exists, returns 1 when
+# there is none, and 2 on any other error (after saying it).
+read_inventory() {
+    local scep="$1" attempts="${SCEP_VAULT_WAIT_ATTEMPTS:-20}" output
+    for attempt in $(seq 1 "$attempts"); do
+        if output="$("$scep" ca show 2>&1)"; then printf '%s\n' "$output"; return 0; fi
+        case "$output" in
+            *"no CA in"*) return 1 ;;
+            *"HTTP 403"*)
+                echo "Waiting for Key Vault access to propagate ($attempt/$attempts)..." >&2
+                sleep "${SCEP_VAULT_WAIT_SECONDS:-30}" ;;
+            *) printf '%s\n' "$output" >&2; return 2 ;;
+        esac
     done
-    echo "Still no access to $vault_name: is the deployer's Key Vault Certificates Officer role assigned?" >&2
-    return 1
+    echo "Still no access to $KEY_VAULT_URL: is the deployer's Key Vault Certificates Officer role assigned?" >&2
+    return 2
 }
 
 init_arguments() {
@@ -54,12 +65,21 @@ init_arguments() {
     return 0
 }
 
-main() {
-    local scep
-    scep="$(find_scep)"
-    wait_for_vault_access
-    local inventory
-    if inventory="$("$scep" ca show)"; then
+grant_intune_permissions() {
+    local scep="$1"
+    [ "${SCEP_GRANT_INTUNE_PERMISSIONS:-false}" = "true" ] || return 0
+    if [ "${INTUNE_AUTH:-managed-identity}" = "managed-identity" ]; then
+        "$scep" intune grant --principal-id "${SCEP_IDENTITY_PRINCIPAL_ID:?SCEP_IDENTITY_PRINCIPAL_ID is not set}"
+    else
+        "$scep" intune grant --client-id "${INTUNE_CLIENT_ID:?INTUNE_CLIENT_ID is not set}"
+    fi
+}
+
+create_ca() {
+    local scep="$1" inventory found=0
+    inventory="$(read_inventory "$scep")" || found=$?
+    [ "$found" -le 1 ] || exit 1
+    if [ "$found" -eq 0 ]; then
         printf '%s\n' "$inventory"
         if printf '%s\n' "$inventory" | grep -q '^\[ra\]'; then
             echo "CA '$SCEP_CA_CERT_NAME' already exists in $KEY_VAULT_URL: nothing to create."
@@ -75,6 +95,13 @@ main() {
     echo "Creating CA '$SCEP_CA_CERT_NAME' and RA '$SCEP_RA_CERT_NAME' in $KEY_VAULT_URL"
     "$scep" ca init "${arguments[@]}"
     "$scep" ca show
+}
+
+main() {
+    local scep
+    scep="$(find_scep)"
+    create_ca "$scep"
+    grant_intune_permissions "$scep"
 }
 
 main "$@"
