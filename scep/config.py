@@ -61,6 +61,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_CA_CERT_NAME", "scep-ca", "Key Vault certificate holding the CA.", azure=True),
     Setting("SCEP_RA_CERT_NAME", "scep-ra", "Key Vault certificate holding the RA.", azure=True),
     Setting("KEY_VAULT_REFRESH_SECONDS", "300", "How often a warm worker looks for new CA/RA versions."),
+    Setting("SCEP_KEY_BUDGET_SECONDS", "20", "Seconds for the key operations of one PKIOperation, retries included."),
     Setting(
         "KEY_VAULT_VERIFY_CHALLENGE_RESOURCE", "true", "Only for emulators: false accepts a challenge for another host."
     ),
@@ -159,6 +160,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings.flag("SCEP_ALLOW_DES")
     settings.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE")
     settings.integer("KEY_VAULT_REFRESH_SECONDS", 1, 86400)
+    settings.integer("SCEP_KEY_BUDGET_SECONDS", 1, 120)
     settings.integer("SCEP_RA_RENEW_DAYS", 1, 365)
     log_level(settings)
     if settings.uses_key_vault and not settings.get("KEY_VAULT_URL").startswith("https://"):
@@ -369,6 +371,7 @@ def build_service(settings: Settings) -> ScepService:
             min_rsa_bits=settings.integer("SCEP_MIN_RSA_KEY_BITS", *MIN_RSA_KEY_BITS_RANGE),
             allowed_ekus=allowed_ekus(settings),
         ),
+        key_budget_seconds=float(settings.integer("SCEP_KEY_BUDGET_SECONDS", 1, 120)),
     )
     return ScepService(home, build_store(settings), build_validator(settings), options)
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from scep import config
 from scep.issuer import fingerprint, is_ca_certificate
-from scep.keys import CaKeys, CustodyError, KeyTransport
+from scep.keys import CaKeys, CustodyError, KeyOperationForbidden, KeyTransport
 from scep.store import StoreError
 
 EXPIRY_WARNING = timedelta(days=30)
@@ -95,25 +95,51 @@ def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
 
 
+# What each key operation needs in the certificate's key usage (Key Vault grants key_ops from it), and the command
+# that issues a certificate with it.
+_OPERATION_NEEDS = {"sign": "digitalSignature", "unwrapKey": "keyEncipherment"}
+_REISSUE = {"CA": "`scep ca rollover`, then `scep ca promote`", "RA": "`scep ca ra renew`"}
+
+
 def _check_key_operations(keys: CaKeys) -> Iterator[Finding]:
-    """One sign with the CA key and one decrypt with the RA key prove reachability and permissions."""
+    """One sign with the CA key, one sign and one unwrapKey with the RA key prove reachability and permissions."""
     digest = hashlib.sha256(b"scep doctor").digest()
-    try:
-        keys.ca.sign_digest(digest, "sha256")
-        yield Finding(True, "CA key signs")
-    except CustodyError as error:
-        yield Finding(False, f"CA key cannot sign ({error}): grant the identity sign on keys (Key Vault Crypto User)")
+    for role, handle in (("CA", keys.ca), ("RA", keys.ra)):
+        try:
+            handle.sign_digest(digest, "sha256")
+            yield Finding(True, f"{role} key signs")
+        except CustodyError as error:
+            yield _refusal(role, "sign", error)
     public_key = keys.ra.certificate.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
         yield Finding(False, "the RA key is not RSA: SCEP key transport needs RSA; run `scep ca ra issue`")
         return
     secret = os.urandom(16)
     try:
-        recovered = keys.ra.decrypt(public_key.encrypt(secret, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
+        recovered = keys.ra.unwrap_key(public_key.encrypt(secret, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
         ok = recovered == secret
-        yield Finding(ok, "RA key decrypts" if ok else "RA key decrypts wrongly: the RA certificate and key differ")
+        text = "decrypts request keys (unwrapKey)" if ok else "unwraps wrongly: the RA certificate and key differ"
+        yield Finding(ok, f"RA key {text}")
     except CustodyError as error:
-        yield Finding(False, f"RA key cannot decrypt ({error}): grant decrypt on keys (Key Vault Crypto User)")
+        yield _refusal("RA", "unwrapKey", error)
+
+
+def _refusal(role: str, operation: str, error: CustodyError) -> Finding:
+    """Why a key operation failed: the key's own key_ops (its certificate's key usage), or the caller's rights."""
+    if not isinstance(error, KeyOperationForbidden):
+        return Finding(
+            False, f"{role} key cannot {operation} ({error}): grant the identity {operation} on keys "
+            "(Key Vault Crypto User)"
+        )
+    try:
+        allowed = ", ".join(error.allowed_operations()) or "no operation"
+    except CustodyError as lookup:
+        allowed = f"other operations (reading its key_ops failed: {lookup})"
+    return Finding(
+        False,
+        f"{role} key allows {allowed} only; {operation} needs {_OPERATION_NEEDS[operation]} in the "
+        f"{role} certificate's key usage: run {_REISSUE[role]}",
+    )
 
 
 def _check_store(settings: config.Settings) -> Iterator[Finding]:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from scep import der
-from scep.keys import KeyHandle, KeyTransport
+from scep.keys import CustodyError, KeyHandle, KeyTransport
 from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 
 OID_MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
@@ -475,15 +475,26 @@ def read_envelope(
     return envelope
 
 
+UNDECRYPTABLE = "could not decrypt the message"
+
+
 def open_envelope(envelope: Envelope, recipient: KeyHandle) -> bytes:
-    """Decrypt an EnvelopedData with the recipient's key (custody does the RSA part)."""
-    content_key = recipient.decrypt(envelope.encrypted_key, envelope.transport)
-    if len(content_key) != _CIPHER_KEY_BYTES[envelope.cipher]:
-        raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "could not decrypt the content-encryption key")
+    """Decrypt an EnvelopedData with the recipient's key (custody does the RSA part).
+
+    Every way of failing (the custody refusing the blob for its padding, a vault error, a key of the wrong
+    length, content that does not decrypt) gives the one same MessageError: a different answer for a bad
+    padding than for a good one would be a Bleichenbacher decryption oracle.
+    """
     try:
+        content_key = recipient.unwrap_key(envelope.encrypted_key, envelope.transport)
+    except CustodyError:
+        content_key = b""
+    try:
+        if len(content_key) != _CIPHER_KEY_BYTES[envelope.cipher]:
+            raise ValueError("content-encryption key of the wrong length")
         return _cbc_decrypt(envelope.cipher, content_key, envelope.iv, envelope.ciphertext)
     except ValueError:
-        raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "could not decrypt the message content") from None
+        raise MessageError(FailInfo.BAD_MESSAGE_CHECK, UNDECRYPTABLE) from None
 
 
 def seal_envelope(

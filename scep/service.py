@@ -29,7 +29,7 @@ from scep.issuer import (
     is_ca_certificate,
     random_serial,
 )
-from scep.keys import CaKeys, Custody, CustodyError
+from scep.keys import CaKeys, Custody, CustodyError, time_budget
 from scep.protocol import CAPABILITIES_BASE, FailInfo, MessageType, PkiStatus
 from scep.store import CertStatus, Claim, ClaimOutcome, IssuedCertificate, SerialInUse, Store, StoreError, TxState
 
@@ -43,6 +43,7 @@ SERIAL_ATTEMPTS = 3
 class ServiceOptions:
     allow_legacy: bool = False  # single DES and MD5, for clients that speak nothing else
     profile: Profile = field(default_factory=Profile)
+    key_budget_seconds: float = 20.0  # shared by the key operations of one PKIOperation, retries included
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ class ScepService:
     # --- PKIOperation ---
 
     def pki_operation(self, der: bytes) -> Reply:
+        """One PKIOperation; its key operations (unwrap, sign, sign) share one time budget, so a custody that
+        retries (Key Vault) gives up in time for a signed FAILURE or, with no signature possible, a 503."""
+        with time_budget(self.options.key_budget_seconds):
+            return self._pki_operation(der)
+
+    def _pki_operation(self, der: bytes) -> Reply:
         keys = self.custody.keys()
         try:
             request = msg.parse_pki_message(der, self.options.allow_legacy)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,8 +21,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from scep import doctor
 from scep.intune import SecretSource
-from scep.keys import CustodyError, KeyHandle, KeySpec, KeyTransport, SignaturePadding, Slot
+from scep.keys import (
+    CustodyError,
+    KeyHandle,
+    KeyOperationForbidden,
+    KeySpec,
+    KeyTransport,
+    SignaturePadding,
+    Slot,
+    time_budget,
+)
 from scep.keys.azure_credentials import build_credential, needs_instance_discovery_disabled
 from scep.keys.keyvault import KeyVaultHome
 from scep.secrets import SecretError, SecretReader
@@ -187,6 +200,13 @@ def rsa_home(vault: KeyVaultEmulator) -> KeyVaultHome:
     return home
 
 
+def wrapped_for(handle: KeyHandle, content_key: bytes) -> bytes:
+    """content_key encrypted (RSA1_5) to the handle's certificate."""
+    public = handle.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    return public.encrypt(content_key, padding.PKCS1v15())
+
+
 def verify_rsa(
     certificate: x509.Certificate, signature: bytes, message: bytes, chosen: object, hash_algorithm: object
 ) -> None:
@@ -233,6 +253,8 @@ def test_rsa_refuses_sha1_and_mismatched_digests(rsa_home: KeyVaultHome) -> None
         ("P-384", "sha384", hashes.SHA384()),
         ("P-256", "sha384", hashes.SHA384()),  # longer hash: truncated as ECDSA itself does
         ("P-384", "sha256", hashes.SHA256()),  # shorter hash: left-padded, same integer
+        ("P-521", "sha512", hashes.SHA512()),  # ES512 takes a 64-byte digest, answers r||s of 66 bytes each
+        ("P-521", "sha256", hashes.SHA256()),
     ],
 )
 def test_ec_signatures_come_back_der_encoded_and_verify(
@@ -258,7 +280,7 @@ def test_ec_root_and_rsa_ra_work_end_to_end(vault: KeyVaultEmulator) -> None:
 
 
 @pytest.mark.parametrize("transport", list(KeyTransport))
-def test_ra_decrypts_every_key_transport(rsa_home: KeyVaultHome, transport: KeyTransport) -> None:
+def test_ra_unwraps_every_key_transport_with_unwrapkey(rsa_home: KeyVaultHome, transport: KeyTransport) -> None:
     ra = rsa_home.keys().ra
     public = ra.certificate.public_key()
     assert isinstance(public, rsa.RSAPublicKey)
@@ -270,12 +292,12 @@ def test_ra_decrypts_every_key_transport(rsa_home: KeyVaultHome, transport: KeyT
         ),
     }[transport]
     content_key = os.urandom(32)
-    assert ra.decrypt(public.encrypt(content_key, chosen), transport) == content_key
+    assert ra.unwrap_key(public.encrypt(content_key, chosen), transport) == content_key
 
 
 def test_undecryptable_blob_is_a_custody_error(rsa_home: KeyVaultHome) -> None:
     with pytest.raises(CustodyError):
-        rsa_home.keys().ra.decrypt(os.urandom(256), KeyTransport.RSA_OAEP_SHA256)
+        rsa_home.keys().ra.unwrap_key(os.urandom(256), KeyTransport.RSA_OAEP_SHA256)
 
 
 def test_key_material_never_leaves_the_vault(rsa_home: KeyVaultHome, vault: KeyVaultEmulator) -> None:
@@ -416,16 +438,16 @@ def test_warm_enrollment_costs_three_key_vault_operations(rsa_home: KeyVaultHome
     keys = rsa_home.keys()
     public = keys.ra.certificate.public_key()
     assert isinstance(public, rsa.RSAPublicKey)
-    rsa_home.keys().ra.decrypt(public.encrypt(b"k" * 16, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
+    rsa_home.keys().ra.unwrap_key(public.encrypt(b"k" * 16, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
 
     vault.reset_counts()
     for _ in range(3):
         keys = rsa_home.keys()
-        keys.ra.decrypt(public.encrypt(b"k" * 16, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
+        keys.ra.unwrap_key(public.encrypt(b"k" * 16, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
         keys.ca.sign_digest(hashlib.sha256(b"tbs").digest(), "sha256")
         rsa_home.keys().ra.sign_digest(hashlib.sha256(b"certrep").digest(), "sha256")
     assert vault.operation_count() == 9
-    assert vault.operations["keys.decrypt"] == 3 and vault.operations["keys.sign"] == 6
+    assert vault.operations["keys.unwrapkey"] == 3 and vault.operations["keys.sign"] == 6
     assert vault.operations["challenge"] == 0 and vault.operations["keys.get"] == 0
 
 
@@ -491,19 +513,49 @@ def test_transient_server_errors_are_retried(vault: KeyVaultEmulator) -> None:
     assert vault.operations["faulted"] == 2 and vault.operations["keys.sign"] == 1
 
 
-def test_persistent_failure_becomes_custody_error(vault: KeyVaultEmulator) -> None:
-    home = make_home(vault, retry_total=2, **FAST_RETRIES)
-    init_ca_and_ra(home, KeySpec("RSA", 2048))
-    keys = home.keys()
-    vault.fail_transiently(100, status=503)
-    with pytest.raises(CustodyError, match="sign"):
+def test_persistent_failure_becomes_custody_error_at_the_time_budget(
+    rsa_home: KeyVaultHome, vault: KeyVaultEmulator
+) -> None:
+    keys = rsa_home.keys()
+    vault.fail_transiently(10**6, status=503)
+    started = time.monotonic()
+    with time_budget(1.0), pytest.raises(CustodyError, match="sign"):
         keys.ca.sign_digest(hashlib.sha256(b"x").digest(), "sha256")
+    assert 0.5 < time.monotonic() - started < 3.0
+    assert vault.operations["faulted"] > 2  # retried, with backoff, until the budget ran out
     vault.fail_transiently(0)
-    vault.throttle(100, retry_after=0)
-    public = keys.ra.certificate.public_key()
-    assert isinstance(public, rsa.RSAPublicKey)
-    with pytest.raises(CustodyError, match="decrypt"):
-        keys.ra.decrypt(public.encrypt(b"k", padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
+    vault.throttle(10**6)
+    with time_budget(1.0), pytest.raises(CustodyError, match="unwrapKey"):
+        keys.ra.unwrap_key(wrapped_for(keys.ra, b"k" * 16), KeyTransport.RSA_PKCS1V15)
+
+
+def test_throttled_key_operations_without_retry_after_are_retried(
+    rsa_home: KeyVaultHome, vault: KeyVaultEmulator
+) -> None:
+    """azure-core never retries a POST answered 429 without Retry-After, which is how Key Vault throttles."""
+    keys = rsa_home.keys()
+    vault.reset_counts()
+    vault.throttle(2)
+    keys.ca.sign_digest(hashlib.sha256(b"throttled").digest(), "sha256")
+    vault.throttle(2)
+    assert keys.ra.unwrap_key(wrapped_for(keys.ra, b"k" * 16), KeyTransport.RSA_PKCS1V15) == b"k" * 16
+    assert vault.operations["throttled"] == 4
+    assert vault.operations["keys.sign"] == 1 and vault.operations["keys.unwrapkey"] == 1
+
+
+def test_key_operations_ride_out_a_vault_restart(rsa_home: KeyVaultHome, vault: KeyVaultEmulator) -> None:
+    """A connection refused (vault down) is retried too; azure-core never retries a POST after one."""
+    keys = rsa_home.keys()
+    port = vault.port
+    vault.stop()
+    restart = threading.Timer(0.7, vault.start)
+    restart.start()
+    try:
+        signature = keys.ca.sign_digest(hashlib.sha256(b"outage").digest(), "sha256")
+    finally:
+        restart.join()
+    assert vault.port == port
+    verify_rsa(keys.ca.certificate, signature, b"outage", padding.PKCS1v15(), hashes.SHA256())
 
 
 def test_refused_identity_is_a_custody_error(vault: KeyVaultEmulator, entra: EntraEmulator) -> None:
@@ -606,3 +658,233 @@ def test_managed_identity_endpoint_requires_the_identity_header(entra: EntraEmul
     )
     assert granted.status_code == 200
     assert entra.verify_token(granted.json()["access_token"], VAULT_RESOURCE)["oid"] == PRINCIPAL
+
+
+# Key Vault's rules, as the emulator enforces them
+
+
+def _crypto_client(vault: KeyVaultEmulator, key_id: str):
+    from azure.keyvault.keys.crypto import CryptographyClient
+
+    return CryptographyClient(key_id, build_credential(MANAGED_IDENTITY), verify_challenge_resource=False)
+
+
+def _error_body(error: Exception) -> dict:
+    return error.response.json()["error"]  # type: ignore[attr-defined]
+
+
+def test_ra_key_refuses_decrypt_and_allows_unwrapkey_per_its_key_usage(
+    rsa_home: KeyVaultHome, vault: KeyVaultEmulator
+) -> None:
+    """keyEncipherment grants wrapKey/unwrapKey, not decrypt ("X509 to Key Vault usage mapping")."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.keyvault.keys.crypto import EncryptionAlgorithm
+
+    ra = rsa_home.keys().ra
+    public = ra.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    client = _crypto_client(vault, ra.key_id)
+    with pytest.raises(HttpResponseError) as refused:
+        client.decrypt(EncryptionAlgorithm.rsa1_5, public.encrypt(b"k" * 16, padding.PKCS1v15()))
+    assert refused.value.status_code == 403
+    assert _error_body(refused.value) == {
+        "code": "Forbidden",
+        "message": "Operation decrypt is not permitted on this key.",
+        "innererror": {"code": "KeyOperationForbidden"},
+    }
+    assert rsa_home._key_operations_of(ra.key_id) == ["sign", "verify", "wrapKey", "unwrapKey"]
+
+
+def test_ca_key_unwrap_is_key_operation_forbidden_with_its_key_ops(rsa_home: KeyVaultHome) -> None:
+    ca = rsa_home.keys().ca
+    public = ca.certificate.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    with pytest.raises(KeyOperationForbidden) as refused:
+        ca.unwrap_key(public.encrypt(b"k" * 16, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
+    assert refused.value.operation == "unwrapKey"
+    assert refused.value.allowed_operations() == ["sign", "verify"]
+
+
+@pytest.mark.parametrize(("algorithm", "size"), [("RS256", 31), ("RS384", 32), ("RS512", 66), ("PS256", 48)])
+def test_sign_takes_exactly_the_digest_size_of_its_algorithm(
+    rsa_home: KeyVaultHome, vault: KeyVaultEmulator, algorithm: str, size: int
+) -> None:
+    from azure.core.exceptions import HttpResponseError
+    from azure.keyvault.keys.crypto import SignatureAlgorithm
+
+    client = _crypto_client(vault, rsa_home.keys().ca.key_id)
+    with pytest.raises(HttpResponseError) as refused:
+        client.sign(SignatureAlgorithm(algorithm), b"d" * size)
+    assert refused.value.status_code == 400
+    expected = {"RS256": 32, "RS384": 48, "RS512": 64, "PS256": 32}[algorithm]
+    assert _error_body(refused.value) == {
+        "code": "BadParameter",
+        "message": f"Invalid length of 'value': {size} bytes. {algorithm} requires {expected} bytes, encoded with "
+        "base64url.",
+    }
+
+
+def test_es512_takes_a_64_byte_digest_not_66(vault: KeyVaultEmulator) -> None:
+    from azure.core.exceptions import HttpResponseError
+    from azure.keyvault.keys.crypto import SignatureAlgorithm
+
+    home = make_home(vault)
+    pending = home.begin(Slot.CA, KeySpec("EC", curve="P-521"), _name("EC P-521"))
+    client = _crypto_client(vault, pending.signer.key_id)  # type: ignore[attr-defined]
+    assert len(client.sign(SignatureAlgorithm.es512, b"d" * 64).signature) == 132
+    with pytest.raises(HttpResponseError, match="ES512 requires 64 bytes"):
+        client.sign(SignatureAlgorithm.es512, b"d" * 66)
+
+
+def test_keys_of_pending_and_disabled_versions_refuse_private_key_operations(vault: KeyVaultEmulator) -> None:
+    """A pending certificate's key is disabled until the merge; a disabled key refuses sign (403 KeyDisabled)."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.keyvault.keys import KeyClient
+    from azure.keyvault.keys.crypto import SignatureAlgorithm
+
+    home = make_home(vault)
+    pending = home.begin(Slot.CA, KeySpec("RSA", 2048), _name("Pending CA"))
+    keys = KeyClient(vault.url, build_credential(MANAGED_IDENTITY), verify_challenge_resource=False)
+    pending_version = vault.certificate_versions(home.ca_name)[-1].version
+    pending_key = keys.get_key(home.ca_name, pending_version)
+    assert pending_key.properties.enabled is False
+    digest = hashlib.sha256(b"tbs").digest()
+    with pytest.raises(HttpResponseError) as refused:
+        _crypto_client(vault, pending_key.id).sign(SignatureAlgorithm.rs256, digest)
+    assert refused.value.status_code == 403
+    assert _error_body(refused.value)["innererror"] == {"code": "KeyDisabled"}
+
+    bootstrap_key_id = pending.signer.key_id  # type: ignore[attr-defined]
+    certificate = certificate_signed_by(pending.signer, _name("Pending CA"), public_key_of(pending.csr_der), None, True)
+    home.complete(Slot.CA, certificate, [])  # the merged version is live; the bootstrap version is disabled
+    with pytest.raises(HttpResponseError, match="not allowed on a disabled key"):
+        _crypto_client(vault, bootstrap_key_id).sign(SignatureAlgorithm.rs256, digest)
+    assert home.handle(Slot.CA).sign_digest(digest, "sha256")
+
+
+def test_unknown_api_version_is_refused(vault: KeyVaultEmulator) -> None:
+    answer = requests.get(f"{vault.url}/keys/any?api-version=1999-01-01", verify=vault.ca_bundle_path, timeout=10)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "BadParameter" and "1999-01-01" in answer.json()["error"]["message"]
+
+
+def test_undecryptable_rsa1_5_blob_gets_key_vaults_answer(rsa_home: KeyVaultHome, vault: KeyVaultEmulator) -> None:
+    from azure.core.exceptions import HttpResponseError
+    from azure.keyvault.keys.crypto import KeyWrapAlgorithm
+
+    client = _crypto_client(vault, rsa_home.keys().ra.key_id)
+    with pytest.raises(HttpResponseError) as refused:
+        client.unwrap_key(KeyWrapAlgorithm.rsa1_5, _badly_padded(rsa_home.keys().ra.certificate))
+    assert refused.value.status_code == 400
+    assert _error_body(refused.value) == {
+        "code": "BadParameter",
+        "message": "Unable to decrypt specified value with this key.",
+    }
+
+
+# scep doctor: the key's own operations, or RBAC
+
+
+def test_doctor_names_the_key_usage_when_key_ops_forbid_unwrap(rsa_home: KeyVaultHome) -> None:
+    keys = rsa_home.keys()
+    wrong_ra = dataclasses.replace(keys, ra=keys.ca)  # a key whose certificate has no keyEncipherment
+    findings = list(doctor._check_key_operations(wrong_ra))
+    refused = [finding.text for finding in findings if not finding.ok]
+    assert refused == [
+        "RA key allows sign, verify only; unwrapKey needs keyEncipherment in the RA certificate's key usage: "
+        "run `scep ca ra renew`"
+    ]
+
+
+def test_doctor_keeps_the_rbac_message_for_an_rbac_denial(vault: KeyVaultEmulator, entra: EntraEmulator) -> None:
+    identity, principal = str(uuid.uuid4()), str(uuid.uuid4())
+    entra.register_managed_identity(identity, principal)
+    home = make_home(vault)
+    init_ca_and_ra(home, KeySpec("RSA", 2048))
+    denied = KeyVaultHome(
+        vault.url, ca_name=home.ca_name, ra_name=home.ra_name, credential=build_credential(identity),
+        verify_challenge_resource=False,
+    )
+    keys = denied.keys()
+    vault.forbid(principal)
+    with time_budget(2.0):
+        findings = list(doctor._check_key_operations(keys))
+    assert [finding.ok for finding in findings] == [False, False, False]
+    assert all("Key Vault Crypto User" in finding.text and "HTTP 403" in finding.text for finding in findings)
+
+
+# No decryption oracle: every blob that does not give a content key gets the same signed FAILURE, on both backends
+
+
+def _badly_padded(recipient: x509.Certificate) -> bytes:
+    """A blob that is not a PKCS#1 v1.5 encryption block under the recipient's key."""
+    public = recipient.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    modulus = public.public_numbers().n
+    size = (modulus.bit_length() + 7) // 8
+    return pow(int.from_bytes(b"\x00\x01" + b"\xff" * (size - 2), "big"), public.public_numbers().e, modulus).to_bytes(
+        size, "big"
+    )
+
+
+def _undecryptable_blobs(recipient: x509.Certificate) -> dict[str, bytes]:
+    public = recipient.public_key()
+    assert isinstance(public, rsa.RSAPublicKey)
+    return {
+        "bad PKCS#1 padding": _badly_padded(recipient),
+        "well padded, wrong key length": public.encrypt(b"k" * 5, padding.PKCS1v15()),
+        "well padded, right length, wrong key": public.encrypt(os.urandom(16), padding.PKCS1v15()),
+        "malformed blob": b"\x01\x02\x03",
+    }
+
+
+def _request_with_wrapped_key(enrollment, ra: x509.Certificate, wrapped_key: bytes) -> bytes:
+    from asn1crypto import cms
+
+    from scep import message as msg
+    from scep.client import DEFAULT_OPTIONS
+
+    envelope = msg.seal_envelope(enrollment.csr.public_bytes(serialization.Encoding.DER), ra, DEFAULT_OPTIONS.cipher)
+    info = cms.ContentInfo.load(envelope)
+    info["content"]["recipient_infos"][0].chosen["encrypted_key"] = wrapped_key
+    attributes = msg.request_attributes(enrollment.message_type, enrollment.transaction_id, enrollment.sender_nonce)
+    return msg.sign_message(enrollment.signer, "sha256", attributes, info.dump(force=True))
+
+
+def _replies_to_undecryptable_blobs(service, ra: x509.Certificate, caplog) -> dict[str, tuple]:
+    from scep.client import make_csr, new_enrollment, read_reply
+
+    replies = {}
+    for case, blob in _undecryptable_blobs(ra).items():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        enrollment = new_enrollment(key, make_csr(key, "oracle", "challenge"))
+        caplog.clear()
+        reply = read_reply(service.pki_operation(_request_with_wrapped_key(enrollment, ra, blob)).der, enrollment, ra)
+        logged = [(record.levelname, record.getMessage().split(": ", 1)[-1]) for record in caplog.records
+                  if record.name == "scep.service"]
+        replies[case] = (reply.status, reply.fail_info, reply.fail_info_text, logged)
+    return replies
+
+
+def test_undecryptable_blobs_get_one_same_failure_on_both_backends(
+    rsa_home: KeyVaultHome, make_service, tmp_path, caplog
+) -> None:
+    from scep.challenge.static import StaticValidator
+    from scep.protocol import FailInfo, PkiStatus
+    from scep.service import ScepService, ServiceOptions
+    from scep.store.sqlite import SqliteStore
+
+    caplog.set_level(logging.DEBUG)
+    services = {
+        "local": make_service(),
+        "Key Vault": ScepService(rsa_home, SqliteStore(tmp_path / "kv.db"), StaticValidator("c"), ServiceOptions()),
+    }
+    expected = (
+        PkiStatus.FAILURE,
+        FailInfo.BAD_MESSAGE_CHECK,
+        "could not decrypt the message",
+        [("INFO", "could not decrypt the message")],
+    )
+    for name, service in services.items():
+        replies = _replies_to_undecryptable_blobs(service, service.custody.keys().ra.certificate, caplog)
+        assert replies == dict.fromkeys(replies, expected), name

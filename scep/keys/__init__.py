@@ -1,11 +1,18 @@
 """Custody of private keys: one small interface, implemented by local PEM files and Azure Key Vault.
 
 Nothing outside the custody backends ever touches a private key. The SCEP core asks a `KeyHandle` to sign a
-digest or to decrypt a key-transport blob, and reads the certificate that goes with the key.
+digest or to unwrap a key-transport blob, and reads the certificate that goes with the key.
+
+A caller may give the key operations of one piece of work a shared time budget (`time_budget`); a backend that
+retries (Key Vault) stops retrying at that deadline. The core sets it without knowing who retries.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -32,6 +39,36 @@ class CustodyError(Exception):
     """A custody backend could not perform an operation (unreachable, throttled past retries, refused)."""
 
 
+class KeyOperationForbidden(CustodyError):
+    """The key itself does not permit the operation (its key_ops), whatever the caller's permissions.
+
+    allowed_operations reads the operations the key does permit (one more call to the backend), for diagnosis.
+    """
+
+    def __init__(self, message: str, operation: str, allowed_operations: Callable[[], list[str]]) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.allowed_operations = allowed_operations
+
+
+_deadline: ContextVar[float | None] = ContextVar("custody_deadline", default=None)
+
+
+@contextmanager
+def time_budget(seconds: float) -> Iterator[None]:
+    """Give every key operation inside the block one shared deadline (time.monotonic based)."""
+    token = _deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def current_deadline() -> float | None:
+    """The deadline set by the innermost time_budget, or None outside any."""
+    return _deadline.get()
+
+
 class KeyHandle(Protocol):
     """One private key and the certificate that goes with it."""
 
@@ -48,8 +85,12 @@ class KeyHandle(Protocol):
         """
         ...
 
-    def decrypt(self, ciphertext: bytes, transport: KeyTransport) -> bytes:
-        """Unwrap a key-transport blob (RSA keys only). Raises CustodyError when the backend fails."""
+    def unwrap_key(self, wrapped_key: bytes, transport: KeyTransport) -> bytes:
+        """Recover a content-encryption key from a key-transport blob (RSA keys only).
+
+        Raises CustodyError whenever the key cannot be recovered, bad padding included; callers must treat every
+        failure alike so that no answer tells a bad padding from a bad length (no decryption oracle).
+        """
         ...
 
 
@@ -57,7 +98,7 @@ class KeyHandle(Protocol):
 class CaKeys:
     """The keys the SCEP service works with at one moment.
 
-    ca: the issuing CA; ra: the RA that decrypts requests and signs CertReps (issued by ca);
+    ca: the issuing CA; ra: the RA that unwraps request keys and signs CertReps (issued by ca);
     next_ca: a rolled-over CA served by GetNextCACert, if any; chain: certificates above ca (empty for a root);
     retired: earlier CA certificates whose issued certificates may still renew;
     ra_encryption: a second certificate over the RA's key with keyEncipherment only, for clients that pick the

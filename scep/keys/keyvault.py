@@ -17,14 +17,22 @@ Layout in the vault:
 
 Warm path: certificates and CryptographyClients are cached per process, CryptographyClients are built
 from the key id and the public key in the certificate (no key GET), so an enrollment costs exactly the
-key operations it needs (decrypt, sign the certificate, sign the CertRep). Every `refresh_interval`
+key operations it needs (unwrapKey, sign the certificate, sign the CertRep). Every `refresh_interval`
 seconds, keys() lists the versions of both certificates (two cheap calls) to notice a rollover, a
 promote or a new RA made by another instance.
+
+Key operations: the RA key unwraps with unwrapKey, which the RA certificate's keyEncipherment key usage
+grants (Key Vault maps keyEncipherment to wrapKey/unwrapKey and dataEncipherment to encrypt/decrypt, so
+`decrypt` is refused). sign and unwrapKey are retried here, not by azure-core: azure-core's RetryPolicy
+retries a POST only on 500/503/504 or when Retry-After is present, and never after a connection error,
+while Key Vault's 429 on key operations carries no Retry-After. Both are safe to repeat; the retries stop
+at the deadline of the caller's time budget (scep.keys.time_budget), see docs/keyvault.md.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,11 +48,13 @@ from . import (
     CaKeys,
     CustodyError,
     KeyInfo,
+    KeyOperationForbidden,
     KeySpec,
     KeyTransport,
     PendingKey,
     SignaturePadding,
     Slot,
+    current_deadline,
     encryption_twin,
 )
 
@@ -66,8 +76,21 @@ CHAIN_NONE = "none"
 
 DEFAULT_REFRESH_SECONDS = 300.0
 _HASH_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
-_EC_ALGORITHMS = {"secp256r1": ("ES256", 32), "secp384r1": ("ES384", 48), "secp521r1": ("ES512", 66)}
+# curve -> (Key Vault algorithm, digest bytes it takes, bytes of r and of s in its raw signature): ES512 takes a
+# SHA-512 digest (64 bytes) and answers r||s of 66 bytes each (P-521 coordinates).
+_EC_ALGORITHMS = {
+    "secp256r1": ("ES256", 32, 32),
+    "secp384r1": ("ES384", 48, 48),
+    "secp521r1": ("ES512", 64, 66),
+}
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+
+# Retries of key operations (sign, unwrapKey): which answers are worth another try, and how long to wait.
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DEFAULT_BUDGET_SECONDS = 20.0  # when the caller set no time budget (CLI, doctor)
+FIRST_BACKOFF_SECONDS = 0.05
+MAX_BACKOFF_SECONDS = 2.0
+LAST_ATTEMPT_SECONDS = 0.1  # no retry starts with less time than this left
 
 T = TypeVar("T")
 
@@ -79,9 +102,33 @@ def _vault_call(what: str, call: Callable[[], T]) -> T:
     try:
         return call()
     except (AzureError, ValueError) as error:  # the SDK raises ValueError for a challenge it rejects
-        status = getattr(error, "status_code", None)
-        detail = f"HTTP {status}" if status else type(error).__name__
-        raise CustodyError(f"Key Vault {what} failed ({detail}): {_first_line(error)}") from error
+        raise _custody_error(what, error) from error
+
+
+def _custody_error(what: str, error: Exception) -> CustodyError:
+    status = getattr(error, "status_code", None)
+    detail = f"HTTP {status}" if status else type(error).__name__
+    return CustodyError(f"Key Vault {what} failed ({detail}): {_first_line(error)}")
+
+
+def _inner_error_code(error: Any) -> str:
+    """Key Vault's error.innererror.code (KeyOperationForbidden, KeyDisabled, ForbiddenByRbac...), if any."""
+    try:
+        return str(error.response.json()["error"]["innererror"]["code"])
+    except Exception:  # no response, no JSON, or no innererror
+        return ""
+
+
+def _retry_after(error: Any) -> float | None:
+    try:
+        return max(0.0, float(error.response.headers["Retry-After"]))
+    except Exception:  # absent (Key Vault's usual 429) or an HTTP date
+        return None
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, first * 2^attempt)]."""
+    return random.uniform(0.0, min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2**attempt))
 
 
 def _first_line(error: Exception) -> str:
@@ -90,7 +137,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _public_jwk(key_id: str, certificate: x509.Certificate) -> dict[str, Any]:
-    """The public half of the key as a JsonWebKey, so the SDK needs no key GET before sign/decrypt."""
+    """The public half of the key as a JsonWebKey, so the SDK needs no key GET before sign/unwrapKey."""
     public = certificate.public_key()
     if isinstance(public, rsa.RSAPublicKey):
         numbers = public.public_numbers()
@@ -128,13 +175,26 @@ def _ec_digest_for(digest: bytes, size: int) -> bytes:
 
 
 class KeyVaultKeyHandle:
-    """One Key Vault key (the key of one certificate version) and its certificate."""
+    """One Key Vault key (the key of one certificate version) and its certificate.
 
-    def __init__(self, certificate: x509.Certificate, key_id: str, crypto_client: Any, version: str) -> None:
+    key_operations reads the key's key_ops from the vault (a key GET), to explain a KeyOperationForbidden.
+    """
+
+    def __init__(
+        self,
+        certificate: x509.Certificate,
+        key_id: str,
+        crypto_client: Any,
+        version: str,
+        key_operations: Callable[[], list[str]],
+        timeouts: tuple[float, float] = (10.0, 30.0),
+    ) -> None:
         self._certificate = certificate
         self.key_id = key_id
         self.version = version
         self._crypto = crypto_client
+        self._key_operations = key_operations
+        self._timeouts = timeouts
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -160,7 +220,7 @@ class KeyVaultKeyHandle:
         from azure.keyvault.keys.crypto import SignatureAlgorithm
 
         algorithm = SignatureAlgorithm(f"{prefix}{hash_name.removeprefix('sha')}")
-        result = _vault_call("sign", lambda: self._crypto.sign(algorithm, digest))
+        result = self._key_operation("sign", lambda **options: self._crypto.sign(algorithm, digest, **options))
         return bytes(result.signature)
 
     def _sign_ec(self, digest: bytes, curve_name: str) -> bytes:
@@ -168,22 +228,66 @@ class KeyVaultKeyHandle:
             raise CustodyError(f"unsupported curve {curve_name}")
         from azure.keyvault.keys.crypto import SignatureAlgorithm
 
-        name, size = _EC_ALGORITHMS[curve_name]
+        name, digest_size, size = _EC_ALGORITHMS[curve_name]
         algorithm = SignatureAlgorithm(name)
-        result = _vault_call("sign", lambda: self._crypto.sign(algorithm, _ec_digest_for(digest, size)))
+        fitted = _ec_digest_for(digest, digest_size)
+        result = self._key_operation("sign", lambda **options: self._crypto.sign(algorithm, fitted, **options))
         raw = bytes(result.signature)
         if len(raw) != 2 * size:
             raise CustodyError(f"Key Vault returned a {len(raw)}-byte ECDSA signature, expected {2 * size}")
         return encode_dss_signature(int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big"))
 
-    def decrypt(self, ciphertext: bytes, transport: KeyTransport) -> bytes:
+    def unwrap_key(self, wrapped_key: bytes, transport: KeyTransport) -> bytes:
         if not isinstance(self._certificate.public_key(), rsa.RSAPublicKey):
-            raise CustodyError("only RSA keys decrypt key-transport blobs")
-        from azure.keyvault.keys.crypto import EncryptionAlgorithm
+            raise CustodyError("only RSA keys unwrap key-transport blobs")
+        from azure.keyvault.keys.crypto import KeyWrapAlgorithm
 
-        algorithm = EncryptionAlgorithm(KeyTransport(transport).value)
-        result = _vault_call("decrypt", lambda: self._crypto.decrypt(algorithm, ciphertext))
-        return bytes(result.plaintext)
+        algorithm = KeyWrapAlgorithm(KeyTransport(transport).value)
+        try:
+            result = self._key_operation(
+                "unwrapKey", lambda **options: self._crypto.unwrap_key(algorithm, wrapped_key, **options)
+            )
+        except CustodyError as error:
+            # A blob Key Vault cannot unwrap gets its 400 BadParameter, which the caller reports like any bad
+            # blob; anything else (refused, throttled, unreachable) is not the sender's doing: say so.
+            if "(HTTP 400)" not in str(error):
+                log.warning("RA key could not unwrap: %s", error)
+            raise
+        return bytes(result.key)
+
+    def _key_operation(self, what: str, call: Callable[..., T]) -> T:
+        """One sign or unwrapKey, repeated on 429, 5xx and connection failures until the time budget runs out.
+
+        Both operations are safe to repeat (a signature or an unwrapped key sent twice changes nothing).
+        """
+        from azure.core.exceptions import AzureError, HttpResponseError, ServiceRequestError, ServiceResponseError
+
+        deadline = current_deadline() or time.monotonic() + DEFAULT_BUDGET_SECONDS
+        attempt = 0
+        while True:
+            remaining = max(LAST_ATTEMPT_SECONDS, deadline - time.monotonic())
+            connect, read = (min(limit, remaining) for limit in self._timeouts)
+            try:
+                return call(connection_timeout=connect, read_timeout=read)
+            except HttpResponseError as error:
+                if error.status_code == 403 and _inner_error_code(error) == "KeyOperationForbidden":
+                    raise KeyOperationForbidden(
+                        f"Key Vault {what} failed: the key does not permit {what}", what, self._key_operations
+                    ) from error
+                if error.status_code not in RETRYABLE_STATUS:
+                    raise _custody_error(what, error) from error
+                failure: Exception = error
+                delay = _retry_after(error)
+            except (ServiceRequestError, ServiceResponseError) as error:
+                failure, delay = error, None
+            except (AzureError, ValueError) as error:
+                raise _custody_error(what, error) from error
+            left = deadline - time.monotonic() - LAST_ATTEMPT_SECONDS
+            if left <= 0:
+                raise _custody_error(f"{what} ({attempt + 1} attempts)", failure) from failure
+            log.debug("Key Vault %s: attempt %d failed (%s), retrying", what, attempt + 1, _first_line(failure))
+            time.sleep(min(left, _backoff(attempt) if delay is None else delay))
+            attempt += 1
 
 
 @dataclass(frozen=True)
@@ -243,6 +347,7 @@ class KeyVaultHome:
         self.poll_interval = poll_interval
         self._clock = clock
         self._credential = credential
+        self._timeouts = (connection_timeout, read_timeout)
         self._client_kwargs = self._pipeline_settings(
             verify_challenge_resource,
             retry_total,
@@ -315,12 +420,22 @@ class KeyVaultHome:
             self._keys_client = KeyClient(self.vault_url, self._credential, **self._client_kwargs)
         return self._keys_client
 
-    def _crypto_client(self, key_id: str, certificate: x509.Certificate) -> Any:
+    def _key_handle(self, certificate: x509.Certificate, key_id: str, version: str) -> KeyVaultKeyHandle:
         from azure.keyvault.keys import KeyVaultKey
         from azure.keyvault.keys.crypto import CryptographyClient
 
         key = KeyVaultKey(key_id=key_id, jwk=_public_jwk(key_id, certificate))
-        return CryptographyClient(key, self._credential, **self._client_kwargs)
+        # the handle retries key operations itself, within the caller's time budget
+        crypto = CryptographyClient(key, self._credential, **{**self._client_kwargs, "retry_total": 0})
+        return KeyVaultKeyHandle(
+            certificate, key_id, crypto, version, lambda: self._key_operations_of(key_id), self._timeouts
+        )
+
+    def _key_operations_of(self, key_id: str) -> list[str]:
+        """The key_ops Key Vault holds for a key (what its certificate's key usage granted)."""
+        name, version = key_id.rstrip("/").split("/")[-2:]
+        key = _vault_call(f"get key {name}", lambda: self._keys.get_key(name, version))
+        return [str(getattr(operation, "value", operation)) for operation in key.key_operations or []]
 
     # Custody
 
@@ -404,9 +519,7 @@ class KeyVaultHome:
             if not bundle.cer or not bundle.key_id:
                 raise CustodyError(f"Key Vault certificate {item.name}/{item.version} has no certificate yet")
             certificate = x509.load_der_x509_certificate(bytes(bundle.cer))
-            handle = KeyVaultKeyHandle(
-                certificate, bundle.key_id, self._crypto_client(bundle.key_id, certificate), item.version
-            )
+            handle = self._key_handle(certificate, bundle.key_id, item.version)
             self._handles[cache_key] = handle
         return handle
 
@@ -525,7 +638,7 @@ class KeyVaultHome:
         if kty not in ("RSA", "EC"):
             raise CustodyError(f"unsupported key type {spec.kty!r}")
         if slot == Slot.RA and kty != "RSA":
-            raise CustodyError("the RA key must be RSA: it decrypts requests")
+            raise CustodyError("the RA key must be RSA: it unwraps the keys of requests")
         usages = (
             [KeyUsageType.digital_signature, KeyUsageType.key_encipherment]
             if slot == Slot.RA
@@ -577,12 +690,7 @@ class KeyVaultHome:
 
     def _pending_key(self, slot: Slot, csr_der: bytes, bootstrap: Any) -> PendingKey:
         certificate = x509.load_der_x509_certificate(bytes(bootstrap.cer))
-        signer = KeyVaultKeyHandle(
-            certificate,
-            bootstrap.key_id,
-            self._crypto_client(bootstrap.key_id, certificate),
-            bootstrap.properties.version,
-        )
+        signer = self._key_handle(certificate, bootstrap.key_id, bootstrap.properties.version)
         csr = x509.load_der_x509_csr(csr_der)
         public_key_der = csr.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -50,13 +50,13 @@ class LocalKey:
     ) -> bytes:
         return sign_digest_with(self.private_key, digest, hash_name, padding)
 
-    def decrypt(self, ciphertext: bytes, transport: KeyTransport) -> bytes:
+    def unwrap_key(self, wrapped_key: bytes, transport: KeyTransport) -> bytes:
         if not isinstance(self.private_key, rsa.RSAPrivateKey):
-            raise CustodyError("only RSA keys decrypt")
+            raise CustodyError("only RSA keys unwrap key-transport blobs")
         try:
-            return rsa_decrypt(self.private_key, ciphertext, transport)
+            return rsa_decrypt(self.private_key, wrapped_key, transport)
         except ValueError:
-            return b""  # wrong key or padding: the caller reports badMessageCheck without an oracle
+            raise CustodyError("the key-transport blob does not unwrap") from None
 
 
 def sign_digest_with(key: PrivateKeyTypes, digest: bytes, hash_name: str, padding: SignaturePadding) -> bytes:
@@ -263,8 +263,8 @@ class _PendingSigner:
     ) -> bytes:
         return sign_digest_with(self.private_key, digest, hash_name, padding)
 
-    def decrypt(self, ciphertext: bytes, transport: KeyTransport) -> bytes:
-        raise CustodyError("a pending key does not decrypt")
+    def unwrap_key(self, wrapped_key: bytes, transport: KeyTransport) -> bytes:
+        raise CustodyError("a pending key does not unwrap")
 
 
 def _self_csr(key: PrivateKeyTypes, subject: x509.Name) -> bytes:

@@ -248,6 +248,7 @@ class _TlsThreadingServer(ThreadingHTTPServer):
     ):
         self.ssl_context = context
         self.owner = owner
+        self.connections: set[ssl.SSLSocket] = set()
         super().__init__(address, handler)
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
@@ -257,11 +258,19 @@ class _TlsThreadingServer(ThreadingHTTPServer):
             tls = self.ssl_context.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError):
             return
+        self.connections.add(tls)
         try:
             super().finish_request(tls, client_address)
         finally:
+            self.connections.discard(tls)
             with contextlib.suppress(OSError):
                 tls.close()
+
+    def close_connections(self) -> None:
+        """Drop the kept-alive connections too: a stopped emulator must look unreachable to pooled clients."""
+        for connection in list(self.connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that drop connections are normal during tests; keep stderr quiet.
@@ -321,10 +330,13 @@ class EmulatorServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving and drop open connections; start() again listens on the same port (an outage)."""
         if self._server is None:
             return
+        self._address = (self._address[0], self.port)
         self._server.shutdown()
         self._server.server_close()
+        self._server.close_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = None

@@ -6,19 +6,28 @@ verified with the Entra emulator. The SDK checks by default that the challenge r
 host, which cannot hold for 127.0.0.1, so clients of this emulator turn that check off
 (`verify_challenge_resource=False`; in the product, KEY_VAULT_VERIFY_CHALLENGE_RESOURCE=false).
 
-REST subset (any api-version is accepted, the SDK's is logged):
+REST subset (the api-versions the Python SDKs know, see API_VERSIONS; the SDK's are logged):
   keys:          GET /keys/{name}[/{version}], POST /keys/{name}/{version}/sign | decrypt | unwrapkey
   certificates:  POST /certificates/{name}/create, GET|DELETE /certificates/{name}/pending,
                  POST /certificates/{name}/pending/merge, GET /certificates/{name}[/{version}],
                  GET /certificates/{name}/versions, PATCH /certificates/{name}/{version}
   secrets:       PUT /secrets/{name}, GET /secrets/{name}[/{version}]
 
-Key material never appears in a response. The key of a certificate whose creation is still pending
-(issuer "Unknown", not merged yet) cannot be used: this emulator refuses operations with it, the
-conservative reading of Key Vault's behaviour, so code that passes here does not depend on it.
+Key material never appears in a response. Rules enforced as Key Vault enforces them (sources next to each):
+  - a certificate's key gets the key_ops its X.509 key usage maps to (KEY_USAGE_OPERATIONS); any other
+    operation is 403 Forbidden / KeyOperationForbidden;
+  - a disabled key version refuses its private-key operations (sign, decrypt, unwrapKey) with 403 Forbidden /
+    KeyDisabled; the key of a certificate whose creation is still pending is disabled until the merge;
+  - sign takes a digest of exactly the algorithm's size (RS/PS/ES 256/384/512: 32/48/64 bytes), else 400
+    BadParameter "Invalid length of 'value'";
+  - values are base64url; a blob that does not unwrap is 400 BadParameter with Key Vault's text;
+  - api-version is required and must be one Key Vault serves.
 
-Fault injection: `throttle(n, retry_after)` answers the next n authenticated requests with 429;
-`fail_transiently(n, status)` with 503 (or another 5xx). `operations` counts what reached the vault per type.
+Fault injection: `throttle(n, retry_after)` answers the next n authenticated requests with 429 (Retry-After
+only when given); `throttle_key_operations(every)` answers every n-th key operation (sign, decrypt, unwrapKey)
+with 429 and no Retry-After, as Key Vault throttles them; `fail_transiently(n, status)` with 503 (or another
+5xx). `operations` counts what reached the vault per type. stop() and start() again keep the vault's content
+and port: an outage and the recovery from it.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
+import re
 import threading
 import time
 import uuid
@@ -48,6 +58,36 @@ _HASHES: dict[str, hashes.HashAlgorithm] = {"256": hashes.SHA256(), "384": hashe
 _CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
 _CURVE_FOR_ES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 
+# The api-versions of Key Vault's data plane that the Python SDKs (keys, certificates, secrets) can send; Key
+# Vault answers any other with 400 BadParameter (REST reference, "Key Vault versions").
+API_VERSIONS = frozenset(
+    {"2016-10-01", "7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01", "2026-04-01"}
+)
+
+# Microsoft, "About Azure Key Vault certificates", section "X509 to Key Vault usage mapping": the key of a
+# certificate gets the key operations its X.509 key usage maps to, and no others.
+KEY_USAGE_OPERATIONS = {
+    "digitalSignature": ("sign", "verify"),
+    "nonRepudiation": ("sign", "verify"),
+    "keyCertSign": ("sign", "verify"),
+    "cRLSign": ("sign", "verify"),
+    "keyEncipherment": ("wrapKey", "unwrapKey"),
+    "dataEncipherment": ("encrypt", "decrypt"),
+}
+# A policy without key_usage: the portal's default usage for a generated certificate (an assumption, and the
+# narrow one: it grants no encrypt/decrypt).
+DEFAULT_KEY_USAGE = ("digitalSignature", "keyEncipherment")
+# Operations that need the private key; a disabled key refuses exactly these (verify, encrypt and wrapKey use
+# the public key and still work): azure-sdk-for-python issue #45342, checked against a live vault.
+PRIVATE_KEY_OPERATIONS = frozenset({"sign", "decrypt", "unwrapKey"})
+# What Key Vault says when a blob does not unwrap: RSA1_5 (azure-sdk-for-js issue #30125) and RSA-OAEP
+# (MicrosoftDocs/azure-docs issue #39976); both 400 BadParameter.
+UNWRAP_FAILURES = {
+    "RSA1_5": "Unable to decrypt specified value with this key.",
+    "RSA-OAEP": "Error occurred while decoding OAEP padding.",
+    "RSA-OAEP-256": "Error occurred while decoding OAEP padding.",
+}
+
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -58,8 +98,12 @@ def _b64url(data: bytes) -> str:
 
 
 def _b64url_decode(text: str) -> bytes:
-    text = text.replace("+", "-").replace("/", "_").rstrip("=")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Key Vault's 'value' is base64url: anything else is 400 BadParameter (Go SDK users meet this text,
+    bruj0/vault-recovery-key issue #20)."""
+    stripped = text.rstrip("=")
+    if not stripped or not re.fullmatch(r"[A-Za-z0-9_-]+", stripped) or len(stripped) % 4 == 1:
+        raise _kv_error(400, "BadParameter", "Content of 'value' is not base64url.\r\nProperty 'value' is required.")
+    return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
 
 
 def _b64_decode(text: str) -> bytes:
@@ -84,9 +128,9 @@ class KeyVersion:
     private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
     kty: str
     created: int
+    key_ops: tuple[str, ...]
     enabled: bool = True
     managed: bool = False
-    usable: bool = True  # False while the owning certificate is pending
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -143,7 +187,9 @@ class KeyVaultEmulator(EmulatorServer):
         self._secrets: dict[str, list[SecretVersion]] = {}
         self._forbidden: set[str] = set()
         self._throttle_remaining = 0
-        self._throttle_retry_after = 1
+        self._throttle_retry_after: int | None = None
+        self._throttle_every = 0
+        self._key_operations_seen = 0
         self._faults_remaining = 0
         self._fault_status = 503
         self.operations: Counter[str] = Counter()
@@ -169,11 +215,20 @@ class KeyVaultEmulator(EmulatorServer):
 
     # Test controls
 
-    def throttle(self, count: int, retry_after: int = 1) -> None:
-        """Answer the next count authenticated requests with 429 Too Many Requests and Retry-After."""
+    def throttle(self, count: int, retry_after: int | None = None) -> None:
+        """Answer the next count authenticated requests with 429 Too Many Requests (Retry-After when given)."""
         with self._lock:
             self._throttle_remaining = count
             self._throttle_retry_after = retry_after
+
+    def throttle_key_operations(self, every: int) -> None:
+        """Answer every n-th key operation (sign, decrypt, unwrapKey) with 429 and no Retry-After (0: off).
+
+        Key Vault throttles key operations per vault and answers 429 without Retry-After ("Azure Key Vault
+        throttling guidance"; the Retry-After in the SDK's samples comes from other services)."""
+        with self._lock:
+            self._throttle_every = every
+            self._key_operations_seen = 0
 
     def fail_transiently(self, count: int, status: int = 503) -> None:
         """Answer the next count authenticated requests with a transient server error."""
@@ -223,6 +278,13 @@ class KeyVaultEmulator(EmulatorServer):
         api_version = request.query.get("api-version")
         if not api_version:
             raise _kv_error(400, "BadParameter", "The 'api-version' query parameter is required.")
+        if api_version not in API_VERSIONS:
+            raise _kv_error(
+                400,
+                "BadParameter",
+                f"The specified version ({api_version}) is not recognized. Consider using the latest supported "
+                "version (7.6).",
+            )
         authorization = request.header("Authorization") or ""
         if not authorization.startswith("Bearer "):
             return self._challenge("AKV10000: Request is missing a Bearer or PoP token.")
@@ -235,18 +297,20 @@ class KeyVaultEmulator(EmulatorServer):
         with self._lock:
             self.api_versions.add(api_version)
             if claims.get("oid") in self._forbidden:
-                raise _kv_error(403, "Forbidden", "Caller is not authorized to perform action on resource.")
-            return self._injected_fault()
+                # an RBAC denial: code Forbidden, innererror ForbiddenByRbac (Key Vault RBAC troubleshooting)
+                raise _kv_error(
+                    403, "Forbidden", "Caller is not authorized to perform action on resource.", "ForbiddenByRbac"
+                )
+            return self._injected_fault(request)
 
-    def _injected_fault(self) -> Response | None:
+    def _injected_fault(self, request: Request) -> Response | None:
         if self._throttle_remaining > 0:
             self._throttle_remaining -= 1
-            self.operations["throttled"] += 1
-            return json_response(
-                {"error": {"code": "Throttled", "message": "Request was not processed because too many requests."}},
-                429,
-                {"Retry-After": str(self._throttle_retry_after)},
-            )
+            return self._throttled(self._throttle_retry_after)
+        if self._throttle_every and _is_key_operation(request):
+            self._key_operations_seen += 1
+            if self._key_operations_seen % self._throttle_every == 0:
+                return self._throttled(None)
         if self._faults_remaining > 0:
             self._faults_remaining -= 1
             self.operations["faulted"] += 1
@@ -255,6 +319,15 @@ class KeyVaultEmulator(EmulatorServer):
                 self._fault_status,
             )
         return None
+
+    def _throttled(self, retry_after: int | None) -> Response:
+        self.operations["throttled"] += 1
+        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        message = (
+            "Request was not processed because too many requests were received. Reason: A) Number of "
+            "requests to the vault exceeded the vault's limit (Azure Key Vault throttling guidance)."
+        )
+        return json_response({"error": {"code": "Throttled", "message": message}}, 429, headers)
 
     def _count(self, operation: str) -> None:
         with self._lock:
@@ -276,7 +349,12 @@ class KeyVaultEmulator(EmulatorServer):
 
     def _usable_key(self, name: str, version: str, operation: str) -> KeyVersion:
         key = self._key_version(name, version)
-        if not key.enabled or not key.usable:
+        if operation not in key.key_ops:
+            # the answer azure-sdk-for-net issue #11518 shows for a certificate key without dataEncipherment
+            raise _kv_error(
+                403, "Forbidden", f"Operation {operation} is not permitted on this key.", "KeyOperationForbidden"
+            )
+        if not key.enabled and operation in PRIVATE_KEY_OPERATIONS:
             raise _kv_error(
                 403, "Forbidden", f"Operation {operation} is not allowed on a disabled key.", "KeyDisabled"
             )
@@ -285,15 +363,14 @@ class KeyVaultEmulator(EmulatorServer):
     def _key_bundle(self, key: KeyVersion) -> dict[str, Any]:
         jwk: dict[str, Any] = {"kid": f"{self.url}/keys/{key.name}/{key.version}", "kty": key.kty}
         public = key.private_key.public_key()
+        jwk["key_ops"] = list(key.key_ops)
         if isinstance(public, rsa.RSAPublicKey):
             numbers = public.public_numbers()
-            jwk["key_ops"] = ["sign", "verify", "encrypt", "decrypt", "wrapKey", "unwrapKey"]
             jwk["n"] = _b64url(numbers.n.to_bytes((numbers.n.bit_length() + 7) // 8, "big"))
             jwk["e"] = _b64url(numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big"))
         else:
             numbers = public.public_numbers()
             size = (public.curve.key_size + 7) // 8
-            jwk["key_ops"] = ["sign", "verify"]
             jwk["crv"] = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[public.curve.name]
             jwk["x"] = _b64url(numbers.x.to_bytes(size, "big"))
             jwk["y"] = _b64url(numbers.y.to_bytes(size, "big"))
@@ -349,14 +426,18 @@ class KeyVaultEmulator(EmulatorServer):
         if algorithm not in paddings:
             raise _kv_error(400, "BadParameter", f"Invalid algorithm '{algorithm}'.")
         try:
-            plaintext = key.private_key.decrypt(ciphertext, paddings[algorithm])
+            if algorithm == "RSA1_5":
+                plaintext = _rsa1_5_decrypt(key.private_key, ciphertext)
+            else:
+                plaintext = key.private_key.decrypt(ciphertext, paddings[algorithm])
         except ValueError:
-            raise _kv_error(400, "BadParameter", "Unable to decrypt the specified value.") from None
+            raise _kv_error(400, "BadParameter", UNWRAP_FAILURES[algorithm]) from None
         return json_response({"kid": f"{self.url}/keys/{key.name}/{key.version}", "value": _b64url(plaintext)})
 
     # Certificates
 
-    def _new_key(self, name: str, version: str, key_props: dict[str, Any], created: int) -> KeyVersion:
+    def _new_key(self, name: str, version: str, policy: dict[str, Any], created: int) -> KeyVersion:
+        key_props = dict(policy.get("key_props") or {})
         kty = str(key_props.get("kty") or "RSA")
         with self._lock:
             previous = self._keys.get(name, [])
@@ -374,7 +455,7 @@ class KeyVaultEmulator(EmulatorServer):
             private_key = ec.generate_private_key(_CURVES[curve]())
         else:
             raise _kv_error(400, "BadParameter", f"Invalid key type {kty}.")
-        return KeyVersion(name, version, private_key, kty, created, managed=True)
+        return KeyVersion(name, version, private_key, kty, created, _key_operations(policy), managed=True)
 
     def _create_certificate(self, request: Request, name: str) -> Response:
         self._count("certificates.create")
@@ -392,7 +473,7 @@ class KeyVaultEmulator(EmulatorServer):
                 raise _kv_error(409, "Conflict", f"Certificate {name} is currently being created.")
         now = int(time.time())
         version = uuid.uuid4().hex
-        key = self._new_key(name, version, dict(policy.get("key_props") or {}), now)
+        key = self._new_key(name, version, policy, now)
         subject_name = _parse_subject(subject)
         created = CertificateVersion(
             name=name,
@@ -406,11 +487,13 @@ class KeyVaultEmulator(EmulatorServer):
             tags=dict(body.get("tags") or {}),
             enabled=bool((body.get("attributes") or {}).get("enabled", True)),
         )
+        # The key of a certificate still being created is disabled: Key Vault enables a certificate's key and
+        # secret with the certificate, which is enabled only once issued or merged ("About Azure Key Vault
+        # certificates": the addressable key and secret follow the certificate's attributes).
+        key.enabled = False
         if issuer_name.lower() == "self":
             created.certificate = _self_signed(key.private_key, subject_name, policy)
             created.polls_until_complete = 1
-        else:
-            key.usable = False
         with self._lock:
             self._keys.setdefault(name, []).append(key)
             self._certificates.setdefault(name, []).append(created)
@@ -450,6 +533,7 @@ class KeyVaultEmulator(EmulatorServer):
                 pending.polls_until_complete -= 1
                 if pending.polls_until_complete <= 0:
                     pending.status = "completed"
+                    pending.key.enabled = pending.enabled
         return json_response(self._operation(pending))
 
     def _delete_pending(self, request: Request, name: str) -> Response:
@@ -486,13 +570,13 @@ class KeyVaultEmulator(EmulatorServer):
             pending.certificate = chain[0]
             pending.chain = chain[1:]
             pending.status = "completed"
-            pending.key.usable = True
             pending.updated = int(time.time())
             if body.get("tags") is not None:
                 pending.tags = dict(body["tags"])
             attributes = body.get("attributes") or {}
             if "enabled" in attributes:
                 pending.enabled = bool(attributes["enabled"])
+            pending.key.enabled = pending.enabled
         return json_response(self._certificate_bundle(pending), 201)
 
     def _certificate_version(self, name: str, version: str | None) -> CertificateVersion:
@@ -663,12 +747,47 @@ def _self_signed(private_key: Any, subject: x509.Name, policy: dict[str, Any]) -
     )
 
 
+def _rsa1_5_decrypt(private_key: rsa.RSAPrivateKey, ciphertext: bytes) -> bytes:
+    """RSAES-PKCS1-v1_5 decryption that reports a bad padding, as Key Vault does (a 400, issue #30125 above).
+
+    OpenSSL 3.2+ answers a bad padding with a synthetic plaintext instead (implicit rejection, the Marvin
+    countermeasure), which would make this emulator kinder to a caller than the vault is.
+    """
+    numbers = private_key.private_numbers()
+    modulus = numbers.public_numbers.n
+    size = (modulus.bit_length() + 7) // 8
+    value = int.from_bytes(ciphertext, "big")
+    if len(ciphertext) != size or value >= modulus:
+        raise ValueError("ciphertext length")
+    block = pow(value, numbers.d, modulus).to_bytes(size, "big")
+    separator = block.find(b"\x00", 2)
+    if block[:2] != b"\x00\x02" or separator < 10:
+        raise ValueError("padding")
+    return block[separator + 1 :]
+
+
+def _key_operations(policy: dict[str, Any]) -> tuple[str, ...]:
+    usages = (policy.get("x509_props") or {}).get("key_usage") or DEFAULT_KEY_USAGE
+    return tuple(dict.fromkeys(op for usage in usages for op in KEY_USAGE_OPERATIONS.get(str(usage), ())))
+
+
+def _is_key_operation(request: Request) -> bool:
+    return request.method == "POST" and request.path.rsplit("/", 1)[-1] in ("sign", "decrypt", "unwrapkey")
+
+
 def _sign_digest(key: KeyVersion, algorithm: str, digest: bytes) -> bytes:
     if len(algorithm) != 5 or algorithm[2:] not in _HASHES:
         raise _kv_error(400, "BadParameter", f"Invalid algorithm '{algorithm}'.")
     chosen_hash = _HASHES[algorithm[2:]]
     if len(digest) != chosen_hash.digest_size:
-        raise _kv_error(400, "BadParameter", f"Invalid digest length for algorithm {algorithm}.")
+        # Key Vault's own text (azure-cli issue #28027, azure-sdk-for-python issue #4399): RS/PS/ES 256, 384
+        # and 512 take exactly 32, 48 and 64 bytes, ES512 included (a SHA-512 digest, not a P-521-sized one).
+        raise _kv_error(
+            400,
+            "BadParameter",
+            f"Invalid length of 'value': {len(digest)} bytes. {algorithm} requires {chosen_hash.digest_size} "
+            "bytes, encoded with base64url.",
+        )
     private_key = key.private_key
     if algorithm.startswith(("RS", "PS")) and isinstance(private_key, rsa.RSAPrivateKey):
         chosen_padding = (
