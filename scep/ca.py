@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep.issuer import ca_certificate, is_ca_certificate, ra_certificate, random_serial, sign_certificate
+from scep.issuer import ca_certificate, is_ca_certificate, ra_certificate, sign_certificate
 from scep.keys import CustodyError, KeyHandle, KeyHome, KeySpec, Slot
 
 log = logging.getLogger("scep.ca")
@@ -17,7 +18,8 @@ log = logging.getLogger("scep.ca")
 DEFAULT_CA_SUBJECT = "CN=SCEP Root CA,O=scep-intune-ca"
 DEFAULT_RA_SUBJECT = "CN=SCEP RA,O=scep-intune-ca"
 RA_MIN_RSA_BITS = 2048
-ENCRYPTION_SERIAL_ATTEMPTS = 64
+ENCRYPTION_SERIAL_ATTEMPTS = 16
+SERIAL_MAX_BITS = 159  # 20 octets with the sign bit clear (RFC 5280 section 4.1.2.2)
 ENCRYPTION_ONLY = x509.KeyUsage(
     digital_signature=False,
     content_commitment=False,
@@ -102,8 +104,9 @@ def ra_encryption_certificate(ra: x509.Certificate, ca: KeyHandle) -> x509.Certi
     Clients written for Microsoft NDES encrypt to the certificate with keyEncipherment and without
     digitalSignature; Apple needs the RA itself to carry both, so the RA cannot be that certificate.
     GetCACert's certificates are a DER SET OF, sorted by encoding, and clients that take the first non-CA
-    certificate as the RA must keep finding the signing RA: so the twin is re-signed with another random serial
-    until its encoding sorts after the RA's (each try succeeds with a chance of about one in two to four)."""
+    certificate as the RA must keep finding the signing RA. So the twin's serial is random and 20 octets long
+    (RFC 5280's maximum; the RA's has at most 17): a longer encoding sorts later. Only an ECDSA signature shorter
+    by more than the serial's lead can undo that; the twin is then signed again (a new serial and signature)."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(ra.subject)
@@ -117,10 +120,15 @@ def ra_encryption_certificate(ra: x509.Certificate, ca: KeyHandle) -> x509.Certi
         builder = builder.add_extension(value, extension.critical)
     ra_der = ra.public_bytes(serialization.Encoding.DER)
     for _ in range(ENCRYPTION_SERIAL_ATTEMPTS):
-        certificate = sign_certificate(builder.serial_number(random_serial()), ca)
+        certificate = sign_certificate(builder.serial_number(_twenty_octet_serial()), ca)
         if certificate.public_bytes(serialization.Encoding.DER) > ra_der:
             return certificate
     raise LifecycleError("could not find a serial number that orders the encryption certificate after the RA")
+
+
+def _twenty_octet_serial() -> int:
+    """A positive random serial whose DER INTEGER takes exactly 20 octets (159 bits, the top one set)."""
+    return secrets.randbits(SERIAL_MAX_BITS - 1) | (1 << (SERIAL_MAX_BITS - 1))
 
 
 def _attach_encryption(home: KeyHome, ra: x509.Certificate, ca: KeyHandle) -> None:

@@ -5,13 +5,15 @@ Table store (Azurite), a real SCEP client (strongSwan), the Key Vault operation 
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from scep.client import ScepClient, make_csr, new_enrollment
+from scep import message as msg
+from scep.client import DEFAULT_OPTIONS, ScepClient, build_request, make_csr, new_enrollment, read_reply
 from scep.protocol import PkiStatus
 from scep.store import CertStatus
 from scep.store.tables import TableStore
@@ -69,6 +71,7 @@ def test_key_vault_and_tables_end_to_end(cloud, keys, tmp_path: Path):
         client = ScepClient(server.scep_url)
         ra, ca = client.ca_certificates()
         assert ca.subject.rfc4514_string() == "CN=Vault Root CA 1,O=Example"
+        twin = wait_for(lambda: _encryption_twin(server, ra, ca), "the RA's encryption-only twin in GetCACert")
 
         # a real client enrols; its certificate is in the Table store
         fetch_ca_certificates(pki, server, tmp_path)
@@ -92,6 +95,12 @@ def test_key_vault_and_tables_end_to_end(cloud, keys, tmp_path: Path):
         assert vault.operations["keys.sign"] == 2
         assert vault.operation_count("keys.get", "certificates.get", "challenge") == 0
 
+        # a client written for NDES encrypts to the encryption-only twin: the RA's key unwraps it (the same key)
+        ndes_key = keys.new()
+        ndes = new_enrollment(ndes_key, make_csr(ndes_key, "vault-ndes-device", CHALLENGE))
+        ndes_reply = client.pki_operation(build_request(ndes, twin, DEFAULT_OPTIONS))
+        assert read_reply(ndes_reply, ndes, ra).status is PkiStatus.SUCCESS
+
         # rollover: the next CA is published, signed by the current one
         scep_cli(environment, "ca", "rollover", "--subject", "CN=Vault Root CA 2,O=Example")
         wait_for(lambda: "GetNextCACert" in client.capabilities(), "GetNextCACert in the capabilities")
@@ -102,6 +111,7 @@ def test_key_vault_and_tables_end_to_end(cloud, keys, tmp_path: Path):
         scep_cli(environment, "ca", "promote")
         new_ra, new_ca = wait_for(lambda: _if_ca(client, next_ca), "the promoted CA in GetCACert")
         new_ra.verify_directly_issued_by(new_ca)
+        wait_for(lambda: _encryption_twin(server, new_ra, new_ca), "the new RA's encryption-only twin")
         (tmp_path / "rolled").mkdir()
         fetch_ca_certificates(pki, server, tmp_path / "rolled")
         generate_key(pki, tmp_path / "rolled" / "key.pem")
@@ -117,6 +127,20 @@ def test_key_vault_and_tables_end_to_end(cloud, keys, tmp_path: Path):
         renewed = client.enroll(renewal, new_ra)
         assert renewed.status is PkiStatus.SUCCESS
         renewed.certificate.verify_directly_issued_by(next_ca)
+
+
+def _encryption_twin(server: ScepServer, ra: x509.Certificate, ca: x509.Certificate) -> x509.Certificate | None:
+    """The third certificate of GetCACert, checked to be ra's encryption-only twin; None while it is not served."""
+    with urllib.request.urlopen(f"{server.scep_url}?operation=GetCACert", timeout=10) as response:
+        others = [c for c in msg.read_certs_only(response.read()) if c not in (ra, ca)]
+    if not others:
+        return None
+    (twin,) = others
+    usage = twin.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_encipherment and not usage.digital_signature
+    assert twin.public_key() == ra.public_key()
+    twin.verify_directly_issued_by(ca)
+    return twin
 
 
 def _if_ca(client: ScepClient, wanted: x509.Certificate):

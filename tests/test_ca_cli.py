@@ -123,3 +123,49 @@ def test_doctor(data_dir, capsys):
     report = capsys.readouterr().out
     assert "[ok] CA key signs" in report and "[ok] RA key decrypts" in report and "[ok] store:" in report
     assert CHALLENGE not in report
+
+
+def _encryption_twin_of(data_dir: Path) -> tuple[x509.Certificate, x509.Certificate, x509.Certificate]:
+    """(RA, its encryption-only twin, CA) as the local custody serves them."""
+    keys = LocalHome(data_dir).keys()
+    assert keys.ra_encryption is not None
+    return keys.ra.certificate, keys.ra_encryption, keys.ca.certificate
+
+
+def _assert_twin(ra: x509.Certificate, twin: x509.Certificate, ca: x509.Certificate) -> None:
+    usage = twin.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_encipherment and not usage.digital_signature
+    assert twin.public_key() == ra.public_key() and twin.subject == ra.subject
+    twin.verify_directly_issued_by(ca)
+    der = serialization.Encoding.DER
+    assert twin.public_bytes(der) > ra.public_bytes(der)  # sorts after the RA in GetCACert's SET OF
+
+
+@pytest.mark.parametrize("key_options", [["--key-type", "RSA"], ["--key-type", "EC", "--curve", "P-384"]])
+def test_every_ra_gets_an_encryption_twin_that_follows_renewal_and_promote(data_dir, key_options):
+    assert main(["ca", "init", "--subject", "CN=Root 1", *key_options]) == 0
+    _assert_twin(*_encryption_twin_of(data_dir))
+    for _ in range(8):  # a fresh RA each time: the twin always sorts after it
+        assert main(["ca", "ra", "renew"]) == 0
+        _assert_twin(*_encryption_twin_of(data_dir))
+    assert main(["ca", "rollover", "--subject", "CN=Root 2", *key_options]) == 0
+    assert main(["ca", "promote"]) == 0
+    ra, twin, ca = _encryption_twin_of(data_dir)
+    assert ca.subject.rfc4514_string() == "CN=Root 2"
+    _assert_twin(ra, twin, ca)
+
+
+def test_an_ra_from_before_encryption_twins_gets_one_at_the_next_ra_command(data_dir):
+    assert main(["ca", "init"]) == 0
+    (data_dir / "ra.encryption.pem").unlink()
+    assert LocalHome(data_dir).keys().ra_encryption is None
+    assert main(["ca", "ra", "renew"]) == 0
+    _assert_twin(*_encryption_twin_of(data_dir))
+
+
+def test_a_twin_left_over_from_another_ra_key_is_not_served(data_dir):
+    assert main(["ca", "init"]) == 0
+    stale = (data_dir / "ra.encryption.pem").read_bytes()
+    assert main(["ca", "ra", "renew"]) == 0
+    (data_dir / "ra.encryption.pem").write_bytes(stale)
+    assert LocalHome(data_dir).keys().ra_encryption is None
