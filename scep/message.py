@@ -505,7 +505,7 @@ def seal_envelope(
 ) -> bytes:
     """Encrypt content to a recipient certificate as a CMS EnvelopedData (DER ContentInfo): RSA key transport,
     or ephemeral-static ECDH key agreement for an EC key (RFC 5753)."""
-    public_key = envelope_recipient_key(recipient)
+    public_key = envelope_recipient_key(recipient, cipher)
     content_key = os.urandom(_CIPHER_KEY_BYTES[cipher])
     iv = os.urandom(8 if cipher in (ContentCipher.DES, ContentCipher.DES3) else 16)
     ciphertext = _cbc_encrypt(cipher, content_key, iv, content)
@@ -528,12 +528,17 @@ def seal_envelope(
     return der.sequence(der.oid(OID_ENVELOPED_DATA), der.context(0, enveloped))
 
 
-def envelope_recipient_key(certificate: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-    """The key a reply can be enveloped to (RSA, or EC on a curve with a key-agreement scheme); else badAlg."""
+def envelope_recipient_key(
+    certificate: x509.Certificate, cipher: ContentCipher
+) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The key a reply in this cipher can be enveloped to (RSA, or EC on a curve with a key-agreement scheme);
+    else badAlg. AES key wrap takes keys of 16 bytes and more: no single DES content key for EC recipients."""
     public_key = certificate.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
         return public_key
     if isinstance(public_key, ec.EllipticCurvePublicKey) and public_key.curve.name in _AGREEMENT_HASH_BY_CURVE:
+        if cipher in LEGACY_CIPHERS:
+            raise MessageError(FailInfo.BAD_ALG, "an EC signer's reply cannot be encrypted with single DES")
         return public_key
     raise MessageError(
         FailInfo.BAD_ALG, "the signer certificate's key can receive no envelope (RSA, EC P-256/P-384/P-521 only)"

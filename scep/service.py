@@ -151,7 +151,7 @@ class ScepService:
         if renewal is not None:
             _check_renewal_identity(renewal, csr)
         # what the reply needs is checked before anything is validated, signed, recorded or notified
-        msg.envelope_recipient_key(request.signer_certificate)
+        msg.envelope_recipient_key(request.signer_certificate, envelope.cipher)
         _check_request_key(csr, self.options.profile)
         enrollment = EnrollmentRequest(
             transaction_id=request.transaction_id,

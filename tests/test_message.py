@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import os
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from asn1crypto import cms
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from scep import message as msg
-from scep.client import RequestOptions, build_request, make_csr, new_enrollment
+from scep.client import RequestOptions, build_request, make_csr, new_enrollment, self_signed
 from scep.keys import KeyTransport
 from scep.keys.local import LocalKey
 from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
@@ -33,6 +37,46 @@ def test_envelope_round_trip(device, cipher, transport):
     envelope = msg.read_envelope(sealed, enrollment.signer.certificate, allow_legacy=True)
     assert (envelope.cipher, envelope.transport) == (cipher, transport)
     assert msg.open_envelope(envelope, enrollment.signer) == b"secret payload"
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1, ec.SECP384R1, ec.SECP521R1])
+@pytest.mark.parametrize("cipher", sorted(set(ContentCipher) - {ContentCipher.DES}))
+def test_key_agreement_envelope_round_trip(curve, cipher):
+    key = ec.generate_private_key(curve())
+    certificate = self_signed(key, x509.Name.from_rfc4514_string("CN=ec"))
+    sealed = msg.seal_envelope(b"secret payload", certificate, cipher)
+    [recipient] = cms.ContentInfo.load(sealed)["content"]["recipient_infos"]
+    assert recipient.name == "kari" and recipient.chosen["version"].native == "v3"
+    assert msg.open_key_agreement_envelope(sealed, key) == b"secret payload"
+    other = ec.generate_private_key(curve())
+    with pytest.raises(msg.MessageError):
+        msg.open_key_agreement_envelope(sealed, other)
+
+
+def _certificate_for(key) -> x509.Certificate:
+    name = x509.Name.from_rfc4514_string("CN=no-envelope")
+    now = datetime.now(timezone.utc)
+    builder = x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    builder = builder.serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+    return builder.sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256())
+
+
+@pytest.mark.parametrize(
+    "make_key,cipher",
+    [
+        (ed25519.Ed25519PrivateKey.generate, ContentCipher.AES128),
+        (lambda: ec.generate_private_key(ec.SECP256K1()), ContentCipher.AES128),
+        (lambda: ec.generate_private_key(ec.SECP256R1()), ContentCipher.DES),  # AES key wrap needs 16 bytes
+    ],
+    ids=["ed25519", "secp256k1", "p256-single-des"],
+)
+def test_keys_that_receive_no_envelope_are_bad_alg(make_key, cipher):
+    certificate = _certificate_for(make_key())
+    with pytest.raises(msg.MessageError) as caught:
+        msg.envelope_recipient_key(certificate, cipher)
+    assert caught.value.fail_info is FailInfo.BAD_ALG
+    with pytest.raises(msg.MessageError):
+        msg.seal_envelope(b"x", certificate, cipher)
 
 
 @pytest.mark.parametrize("digest", ["sha1", "sha256", "sha384", "sha512"])
