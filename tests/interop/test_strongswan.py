@@ -48,14 +48,21 @@ def load_key(path: Path):
 
 
 def test_scepca_writes_the_servers_ca_and_ra(pki, server, scep_ca_files):
-    ca_pem, ra_pem = scep_ca_files
+    """strongSwan files the RA certificates by key usage: ra.pem is the one it encrypts to (the encryption-only
+    twin), ra-2.pem the signing RA; both carry the RA's key and are issued by the CA."""
+    ca_pem, encryption_pem = scep_ca_files
     ca = load_certificate(ca_pem)
     assert ca == load_certificate(server.ca_pem_path)
-    ra = load_certificate(ra_pem)
+    ra = load_certificate(encryption_pem.with_name("ra-2.pem"))
     assert ra == load_certificate(server.ra_pem_path)
-    ra.verify_directly_issued_by(ca)
-    key_usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
-    assert key_usage.digital_signature and key_usage.key_encipherment
+    encryption = load_certificate(encryption_pem)
+    assert spki(encryption) == spki(ra)
+    for certificate in (ra, encryption):
+        certificate.verify_directly_issued_by(ca)
+    ra_usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ra_usage.digital_signature and ra_usage.key_encipherment
+    encryption_usage = encryption.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert encryption_usage.key_encipherment and not encryption_usage.digital_signature
 
 
 def test_enrol_with_san_then_renew_with_a_new_key(pki, server, scep_ca_files, tmp_path):
