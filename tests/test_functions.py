@@ -57,15 +57,20 @@ def test_get_ca_caps(functions):
     assert "GetNextCACert" not in caps  # no next CA exists yet
 
 
-def test_get_ca_cert_returns_ra_and_ca(functions):
+def test_get_ca_cert_returns_ra_ca_and_the_encryption_only_twin(functions):
     response = call(functions, "api/scep", params={"operation": "GetCACert", "message": "0"})
     assert response.mimetype == "application/x-x509-ca-ra-cert"
     certificates = msg.read_certs_only(response.get_body())
-    assert len(certificates) == 2
+    assert len(certificates) == 3
     ra, ca = split_ra_and_ca(certificates)
     ra.verify_directly_issued_by(ca)
     usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.digital_signature and usage.key_encipherment
+    (twin,) = [item for item in certificates if item not in (ra, ca)]
+    twin.verify_directly_issued_by(ca)
+    assert twin.public_key() == ra.public_key()
+    twin_usage = twin.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert twin_usage.key_encipherment and not twin_usage.digital_signature
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
