@@ -3,7 +3,7 @@
 import azure.functions as func
 
 from scep import config, logs
-from scep.functions import bp
+from scep.http.functions import bp
 
 # A wrong setting stops the app at start, with a message naming it; from here on every record of the product's
 # loggers is cleaned of control characters before the worker's handler ships it to the host.

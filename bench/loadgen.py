@@ -39,7 +39,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep.client import (
+from scep.core.protocol import ContentCipher, MessageType, PkiStatus
+from scep.keys.local import LocalKey
+from scep.tools.client import (
     Enrollment,
     RequestOptions,
     ScepClient,
@@ -50,8 +52,6 @@ from scep.client import (
     new_key,
     read_reply,
 )
-from scep.keys.local import LocalKey
-from scep.protocol import ContentCipher, MessageType, PkiStatus
 
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 REQUEST_OPTIONS = RequestOptions(cipher=ContentCipher.AES128, digest="sha256", method="POST")

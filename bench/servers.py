@@ -160,12 +160,12 @@ class ProductServer(ManagedServer):
         return environment
 
     def initialize(self) -> None:
-        command = [sys.executable, "-m", "scep.cli", "ca", "init", "--key-size", str(self.key_size)]
+        command = [sys.executable, "-m", "scep.tools.cli", "ca", "init", "--key-size", str(self.key_size)]
         run_setup(command, self.environment(), self.name)
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "scep.cli", "serve",
+            sys.executable, "-m", "scep.tools.cli", "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
         ]  # fmt: skip
 

@@ -16,15 +16,15 @@ from pathlib import Path
 
 from cryptography.x509 import ObjectIdentifier
 
-from scep.ca import CaOptions, init_root
 from scep.challenge import ChallengeValidator
 from scep.challenge.static import StaticValidator
-from scep.issuer import DEFAULT_ALLOWED_EKUS, DEFAULT_EKU_NAMES, DEFAULT_MIN_RSA_BITS, EKU_NAMES, Profile
+from scep.core.ca import CaOptions, init_root
+from scep.core.issuer import DEFAULT_ALLOWED_EKUS, DEFAULT_EKU_NAMES, DEFAULT_MIN_RSA_BITS, EKU_NAMES, Profile
+from scep.core.service import ScepService, ServiceOptions
+from scep.http.web import DEFAULT_MAX_MESSAGE_BYTES
 from scep.keys import KeyHome, Slot
 from scep.logs import LEVELS
-from scep.service import ScepService, ServiceOptions
 from scep.store import Store
-from scep.web import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("scep.config")
 
@@ -180,7 +180,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 def _refuse_unresolved_references(settings: Settings) -> None:
     """App Service leaves `@Microsoft.KeyVault(...)` as the value of a reference it cannot resolve; that text
     is public, so it must never serve as a setting (least of all as a challenge)."""
-    from scep.secrets import is_key_vault_reference
+    from scep.azure.vault_secrets import is_key_vault_reference
 
     for setting in SETTINGS:
         if is_key_vault_reference(settings.values.get(setting.name) or ""):
@@ -191,7 +191,7 @@ def _refuse_unresolved_references(settings: Settings) -> None:
 
 
 def _check_azure_credential(settings: Settings) -> None:
-    from scep.keys.azure_credentials import credential_choice
+    from scep.azure.identity import credential_choice
 
     try:
         credential_choice(settings.values)
@@ -217,7 +217,7 @@ def _check_tables_settings(settings: Settings) -> None:
             "SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
             "or SCEP_TABLES_CONNECTION_STRING"
         )
-    from scep.store.tables import _TABLE_PREFIX
+    from scep.azure.tables import _TABLE_PREFIX
 
     # Azure table names: letters and digits, not starting with a digit, 3-63 characters ("Understanding the
     # Table service data model"); the longest suffix is 12 characters, so the prefix has at most 51.
@@ -226,7 +226,7 @@ def _check_tables_settings(settings: Settings) -> None:
 
 
 def _check_intune_settings(settings: Settings) -> None:
-    from scep.intune.client import IntuneConfigError, IntuneSettings
+    from scep.azure.intune.client import IntuneConfigError, IntuneSettings
 
     if not settings.get("INTUNE_TENANT_ID"):
         raise ConfigError("INTUNE_TENANT_ID is required when SCEP_CHALLENGE_MODE includes intune")
@@ -256,8 +256,8 @@ def allowed_ekus(settings: Settings) -> frozenset:
 
 def build_key_home(settings: Settings) -> KeyHome:
     if settings.uses_key_vault:
-        from scep.keys.azure_credentials import build_credential
-        from scep.keys.keyvault import KeyVaultHome
+        from scep.azure.identity import build_credential
+        from scep.azure.keyvault import KeyVaultHome
 
         return KeyVaultHome(
             settings.get("KEY_VAULT_URL"),
@@ -295,13 +295,13 @@ def _tables_source(settings: Settings) -> str:
 
 def build_store(settings: Settings) -> Store:
     if settings.store_kind == "tables":
-        from scep.store.tables import TableStore
+        from scep.azure.tables import TableStore
 
         prefix = settings.get("SCEP_TABLE_PREFIX")
         connection_string = settings.get("SCEP_TABLES_CONNECTION_STRING")
         if connection_string:
             return TableStore.from_connection_string(connection_string, table_prefix=prefix)
-        from scep.keys.azure_credentials import build_credential
+        from scep.azure.identity import build_credential
 
         credential = build_credential(settings.get("AZURE_CLIENT_ID") or None)
         return TableStore(_tables_source(settings), credential, table_prefix=prefix)
@@ -317,7 +317,7 @@ def build_validator(settings: Settings) -> ChallengeValidator:
     if "intune" not in modes:
         assert static is not None
         return static
-    from scep.challenge.intune import build_intune_validator
+    from scep.azure.intune.validator import build_intune_validator
 
     try:
         intune = build_intune_validator(settings)
@@ -335,13 +335,13 @@ def _static_validator(settings: Settings) -> StaticValidator:
     secret_name = settings.get("SCEP_CHALLENGE_SECRET_NAME")
     if not secret_name:
         return StaticValidator(settings.get("SCEP_CHALLENGE"))
-    from scep.intune import key_vault_secret_source
+    from scep.azure.intune import key_vault_secret_source
 
     return StaticValidator(key_vault_secret_source(settings.values, secret_name, "SCEP_CHALLENGE_SECRET_NAME"))
 
 
 def build_intune_client(settings: Settings):
-    from scep.intune import build_intune_client as build
+    from scep.azure.intune import build_intune_client as build
 
     try:
         return build(settings)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep.ca import CaOptions, init_root
 from scep.challenge.static import StaticValidator
+from scep.core.ca import CaOptions, init_root
+from scep.core.service import ScepService, ServiceOptions
 from scep.keys.local import LocalHome
-from scep.service import ScepService, ServiceOptions
 from scep.store.sqlite import SqliteStore
 from tests.azurite import azurite  # noqa: F401 - session fixture: Azurite, started on first use
 from tests.emulators.intune import IntuneTestbed, running_intune

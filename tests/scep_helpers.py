@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from cryptography import x509
 
-from scep import message as msg
-from scep.client import (
+from scep.core import message as msg
+from scep.core.service import ScepService
+from scep.tools.client import (
     DEFAULT_OPTIONS,
     Enrollment,
     RequestOptions,
@@ -15,8 +16,7 @@ from scep.client import (
     new_enrollment,
     read_reply,
 )
-from scep.client import split_ra_and_ca as split
-from scep.service import ScepService
+from scep.tools.client import split_ra_and_ca as split
 from tests.conftest import CHALLENGE
 
 

@@ -1,6 +1,6 @@
 """Run the product's HTTP server (`scep serve`) as a subprocess for end-to-end tests.
 
-`ScepServer` starts `python -m scep.cli serve` on 127.0.0.1 and a free port, in its own process group (the
+`ScepServer` starts `python -m scep.tools.cli serve` on 127.0.0.1 and a free port, in its own process group (the
 server pre-forks workers), with a throwaway SCEP_DATA_DIR unless one is given. It waits until GET /api/health
 answers 200 and fails with the server's own output otherwise. Settings inherited from the caller's
 environment that start with SCEP_ are dropped so that a test sees only what it passes in `env`.
@@ -53,9 +53,9 @@ def hermetic_environment(overrides: Mapping[str, str]) -> dict[str, str]:
 
 
 def run_cli(environment: Mapping[str, str], *arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a `scep` command (`python -m scep.cli ...`) from the repository with only the given SCEP_ settings."""
+    """Run a `scep` command (`python -m scep.tools.cli ...`) from the repository with only the given SCEP_ settings."""
     return subprocess.run(
-        [sys.executable, "-m", "scep.cli", *arguments],
+        [sys.executable, "-m", "scep.tools.cli", *arguments],
         cwd=REPO_ROOT, env=hermetic_environment(environment), capture_output=True, text=True, timeout=timeout,
     )
 
@@ -144,7 +144,7 @@ class ScepServer:
 
     def command(self) -> list[str]:
         return [
-            self.python, "-m", "scep.cli", "serve",
+            self.python, "-m", "scep.tools.cli", "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
         ]
 

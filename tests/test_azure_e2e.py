@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from scep import message as msg
-from scep.client import DEFAULT_OPTIONS, ScepClient, build_request, make_csr, new_enrollment, read_reply
-from scep.protocol import PkiStatus
+from scep.azure.tables import TableStore
+from scep.core import message as msg
+from scep.core.protocol import PkiStatus
 from scep.store import CertStatus
-from scep.store.tables import TableStore
+from scep.tools.client import DEFAULT_OPTIONS, ScepClient, build_request, make_csr, new_enrollment, read_reply
 from tests.conftest import CHALLENGE
 from tests.emulators.entra import EntraEmulator
 from tests.emulators.keyvault import KeyVaultEmulator

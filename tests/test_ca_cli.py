@@ -12,13 +12,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from scep import message as msg
 from scep.challenge.static import StaticValidator
-from scep.cli import main
-from scep.client import split_ra_and_ca
+from scep.core import message as msg
+from scep.core.service import ScepService, ServiceOptions
 from scep.keys.local import LocalHome
-from scep.service import ScepService, ServiceOptions
 from scep.store.sqlite import SqliteStore
+from scep.tools.cli import main
+from scep.tools.client import split_ra_and_ca
 from tests.conftest import CHALLENGE
 from tests.scep_helpers import enroll
 

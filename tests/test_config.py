@@ -63,7 +63,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_serve_refuses_to_start_on_a_bad_setting(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "SCEP_DATA_DIR": str(tmp_path), "SCEP_CERT_VALIDITY_DAYS": "forever"}
-    completed = _run("import sys; from scep.cli import main; sys.exit(main(['serve', '--port', '0']))", env)
+    completed = _run("import sys; from scep.tools.cli import main; sys.exit(main(['serve', '--port', '0']))", env)
     assert completed.returncode == 2
     assert "SCEP_CERT_VALIDITY_DAYS" in completed.stderr and "Traceback" not in completed.stderr
 

@@ -15,8 +15,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 
-from scep import message as msg
-from scep.client import (
+from scep.config import ConfigError, build_service, load_settings
+from scep.core import message as msg
+from scep.core.protocol import ContentCipher, FailInfo, PkiStatus
+from scep.keys.local import LocalKey
+from scep.store.sqlite import SqliteStore
+from scep.tools.client import (
     RequestOptions,
     ScepClient,
     build_request,
@@ -25,10 +29,6 @@ from scep.client import (
     read_reply,
     self_signed,
 )
-from scep.config import ConfigError, build_service, load_settings
-from scep.keys.local import LocalKey
-from scep.protocol import ContentCipher, FailInfo, PkiStatus
-from scep.store.sqlite import SqliteStore
 from tests.conftest import CHALLENGE
 from tests.emulators.intune import running_intune
 from tests.interop import require_binary

@@ -13,15 +13,15 @@ import time
 import pytest
 from cryptography import x509
 
-from scep.client import (
+from scep.core.protocol import ContentCipher, FailInfo, PkiStatus
+from scep.keys import KeyTransport
+from scep.tools.client import (
     RequestOptions,
     ScepClient,
     ScepClientError,
     make_csr,
     new_enrollment,
 )
-from scep.keys import KeyTransport
-from scep.protocol import ContentCipher, FailInfo, PkiStatus
 from tests.conftest import CHALLENGE
 from tests.serverproc import ScepServer
 

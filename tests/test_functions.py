@@ -13,11 +13,12 @@ from azure.functions.decorators.timer import TimerTrigger
 from azure.functions.http import HttpResponseConverter
 from cryptography import x509
 
-from scep import ca, config
-from scep import message as msg
-from scep.client import RequestOptions, build_request, make_csr, new_enrollment, read_reply, split_ra_and_ca
-from scep.localhost import app_functions
-from scep.protocol import PkiStatus
+from scep import config
+from scep.core import ca
+from scep.core import message as msg
+from scep.core.protocol import PkiStatus
+from scep.http.localhost import app_functions
+from scep.tools.client import RequestOptions, build_request, make_csr, new_enrollment, read_reply, split_ra_and_ca
 from tests.conftest import CHALLENGE
 
 

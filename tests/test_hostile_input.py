@@ -10,10 +10,10 @@ import pytest
 from asn1crypto import x509 as asn1_x509
 from cryptography.hazmat.primitives import serialization
 
-from scep import web
-from scep.client import RequestOptions, build_request, make_csr, new_enrollment, read_reply
-from scep.message import parse_pki_message
-from scep.protocol import PkiStatus
+from scep.core.message import parse_pki_message
+from scep.core.protocol import PkiStatus
+from scep.http import web
+from scep.tools.client import RequestOptions, build_request, make_csr, new_enrollment, read_reply
 from tests.conftest import CHALLENGE
 from tests.scep_helpers import enroll, ra_and_ca
 

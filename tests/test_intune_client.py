@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from scep.intune import (
+from scep.azure.intune import (
     AuthMode,
     IntuneAuthenticationError,
     IntuneClient,
@@ -29,8 +29,8 @@ from scep.intune import (
     SecretSource,
     build_intune_credential,
 )
-from scep.intune.check import Status, run_check
-from scep.intune.client import VALIDATION_SERVICE, iso_utc
+from scep.azure.intune.check import Status, run_check
+from scep.azure.intune.client import VALIDATION_SERVICE, iso_utc
 from tests.emulators.intune import IntuneTestbed, build_csr
 
 VALIDATE = "/ScepRequestValidationFEService/ScepActions/validateRequest"

@@ -13,11 +13,11 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from scep.challenge.intune import serial_number_hex
-from scep.client import ScepClient, make_csr, new_enrollment
-from scep.protocol import PkiStatus
+from scep.azure.intune.validator import serial_number_hex
+from scep.core.protocol import PkiStatus
 from scep.store import CertStatus
 from scep.store.sqlite import SqliteStore
+from scep.tools.client import ScepClient, make_csr, new_enrollment
 from tests.emulators.intune import running_intune
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key

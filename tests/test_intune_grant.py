@@ -11,10 +11,9 @@ from typing import Any
 import pytest
 from azure.core.credentials import AccessToken
 
-from scep import doctor
-from scep.intune.check import CheckReport, Status
-from scep.intune.client import INTUNE_API_APP_ID
-from scep.intune.grant import (
+from scep.azure.intune.check import CheckReport, Status
+from scep.azure.intune.client import INTUNE_API_APP_ID
+from scep.azure.intune.grant import (
     APPLICATION_READ_ALL_ROLE_ID,
     MICROSOFT_GRAPH_APP_ID,
     SCEP_CHALLENGE_PROVIDER_ROLE_ID,
@@ -22,6 +21,7 @@ from scep.intune.grant import (
     GraphApi,
     grant_intune_roles,
 )
+from scep.tools import doctor
 
 PRINCIPAL = "11111111-1111-1111-1111-111111111111"
 SERVICE_PRINCIPALS = {INTUNE_API_APP_ID: "intune-sp", MICROSOFT_GRAPH_APP_ID: "graph-sp", "app-1": PRINCIPAL}
@@ -141,7 +141,7 @@ def test_doctor_gives_each_intune_line_its_own_result(monkeypatch: pytest.Monkey
     report.add(Status.OK, "Graph token", "obtained")
     report.add(Status.WARN, "Intune token", "obtained, but without the scep_challenge_provider role")
     report.add(Status.FAIL, "Service discovery", "Graph refused the endpoint lookup (403)")
-    monkeypatch.setattr("scep.intune.check.run_check", lambda client: report)
+    monkeypatch.setattr("scep.azure.intune.check.run_check", lambda client: report)
     monkeypatch.setattr(doctor.config, "build_intune_client", lambda settings: None)
     findings = list(doctor._check_intune(None))  # type: ignore[arg-type]
     assert [(finding.ok, finding.text.split("] ")[1].split(":")[0]) for finding in findings] == [

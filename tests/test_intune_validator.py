@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from scep.challenge import EnrollmentRequest, NotificationFailed
-from scep.challenge.composite import CompositeValidator
-from scep.challenge.intune import (
+from scep.azure.intune import ERROR_CODES, HResult, IntuneClient, IntuneConfigError, IntuneSettings, SecretSource
+from scep.azure.intune import build_intune_credential as build_credential
+from scep.azure.intune.validator import (
     FAIL_INFO_BY_CODE,
     UNAVAILABLE,
     IntuneValidator,
@@ -28,10 +28,10 @@ from scep.challenge.intune import (
     certificate_thumbprint,
     serial_number_hex,
 )
+from scep.challenge import EnrollmentRequest, NotificationFailed
+from scep.challenge.composite import CompositeValidator
 from scep.challenge.static import StaticValidator
-from scep.intune import ERROR_CODES, HResult, IntuneClient, IntuneConfigError, IntuneSettings, SecretSource
-from scep.intune import build_intune_credential as build_credential
-from scep.protocol import FailInfo
+from scep.core.protocol import FailInfo
 from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr
 
 SUBJECT = "CN=device1,O=Contoso"

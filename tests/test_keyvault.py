@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from scep import doctor
-from scep.intune import SecretSource
+from scep.azure.identity import build_credential, needs_instance_discovery_disabled
+from scep.azure.intune import SecretSource
+from scep.azure.keyvault import KeyVaultHome
+from scep.azure.vault_secrets import SecretError, SecretReader
 from scep.keys import (
     CustodyError,
     KeyHandle,
@@ -33,9 +35,7 @@ from scep.keys import (
     Slot,
     time_budget,
 )
-from scep.keys.azure_credentials import build_credential, needs_instance_discovery_disabled
-from scep.keys.keyvault import KeyVaultHome
-from scep.secrets import SecretError, SecretReader
+from scep.tools import doctor
 from tests.emulators.entra import DEFAULT_TENANT, EntraEmulator, TokenError, b64url_decode, b64url_encode
 from tests.emulators.keyvault import VAULT_RESOURCE, KeyVaultEmulator
 
@@ -841,8 +841,8 @@ def _undecryptable_blobs(recipient: x509.Certificate) -> dict[str, bytes]:
 def _request_with_wrapped_key(enrollment, ra: x509.Certificate, wrapped_key: bytes) -> bytes:
     from asn1crypto import cms
 
-    from scep import message as msg
-    from scep.client import DEFAULT_OPTIONS
+    from scep.core import message as msg
+    from scep.tools.client import DEFAULT_OPTIONS
 
     envelope = msg.seal_envelope(enrollment.csr.public_bytes(serialization.Encoding.DER), ra, DEFAULT_OPTIONS.cipher)
     info = cms.ContentInfo.load(envelope)
@@ -852,7 +852,7 @@ def _request_with_wrapped_key(enrollment, ra: x509.Certificate, wrapped_key: byt
 
 
 def _replies_to_undecryptable_blobs(service, ra: x509.Certificate, caplog) -> dict[str, tuple]:
-    from scep.client import make_csr, new_enrollment, read_reply
+    from scep.tools.client import make_csr, new_enrollment, read_reply
 
     replies = {}
     for case, blob in _undecryptable_blobs(ra).items():
@@ -861,7 +861,7 @@ def _replies_to_undecryptable_blobs(service, ra: x509.Certificate, caplog) -> di
         caplog.clear()
         reply = read_reply(service.pki_operation(_request_with_wrapped_key(enrollment, ra, blob)).der, enrollment, ra)
         logged = [(record.levelname, record.getMessage().split(": ", 1)[-1]) for record in caplog.records
-                  if record.name == "scep.service"]
+                  if record.name == "scep.core.service"]
         replies[case] = (reply.status, reply.fail_info, reply.fail_info_text, logged)
     return replies
 
@@ -870,8 +870,8 @@ def test_undecryptable_blobs_get_one_same_failure_on_both_backends(
     rsa_home: KeyVaultHome, make_service, tmp_path, caplog
 ) -> None:
     from scep.challenge.static import StaticValidator
-    from scep.protocol import FailInfo, PkiStatus
-    from scep.service import ScepService, ServiceOptions
+    from scep.core.protocol import FailInfo, PkiStatus
+    from scep.core.service import ScepService, ServiceOptions
     from scep.store.sqlite import SqliteStore
 
     caplog.set_level(logging.DEBUG)

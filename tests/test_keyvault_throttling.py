@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from scep.client import Result, ScepClient, ScepClientError, make_csr, new_enrollment
-from scep.protocol import PkiStatus
+from scep.core.protocol import PkiStatus
 from scep.store.sqlite import SqliteStore
+from scep.tools.client import Result, ScepClient, ScepClientError, make_csr, new_enrollment
 from tests.conftest import CHALLENGE
 from tests.emulators.entra import EntraEmulator
 from tests.emulators.keyvault import KeyVaultEmulator

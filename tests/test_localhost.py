@@ -1,4 +1,4 @@
-"""scep.localhost: a FunctionApp's HTTP functions served over real HTTP, in one process and pre-forked."""
+"""scep.http.localhost: a FunctionApp's HTTP functions served over real HTTP, in one process and pre-forked."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from scep.localhost import LocalFunctionsServer, load_function_app, read_route_prefix
+from scep.http.localhost import LocalFunctionsServer, load_function_app, read_route_prefix
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 MAX_BODY = 1024
@@ -106,7 +106,7 @@ SERVE_SCRIPT = '''
 import sys
 from pathlib import Path
 
-from scep.localhost import LocalFunctionsServer, load_function_app
+from scep.http.localhost import LocalFunctionsServer, load_function_app
 
 app, prefix = load_function_app(sys.argv[1], Path(sys.argv[2]))
 server = LocalFunctionsServer(app, prefix, port=0, workers=int(sys.argv[3]))
@@ -420,7 +420,7 @@ def test_slow_client_is_dropped(loaded: tuple[object, str]) -> None:
 
 def test_exception_becomes_a_generic_500_and_a_logged_traceback(server: LocalFunctionsServer,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="scep.localhost"):
+    with caplog.at_level(logging.ERROR, logger="scep.http.localhost"):
         status, headers, body = request(server, "GET", "/api/boom")
     assert status == 500
     assert body == b"Internal Server Error\n"

@@ -29,7 +29,7 @@ def written():
 @pytest.mark.parametrize(
     "hostile,shown",
     [
-        ("a\nINFO scep.service: forged", "a\\nINFO scep.service: forged"),
+        ("a\nINFO scep.core.service: forged", "a\\nINFO scep.core.service: forged"),
         ("a\rb", "a\\rb"),
         ("a\tb", "a\\tb"),
         ("\x1b[2J\x07\x00\x7f", "\\x1b[2J\\x07\\x00\\x7f"),
@@ -38,17 +38,17 @@ def written():
     ],
 )
 def test_control_characters_are_escaped(written, hostile, shown):
-    logging.getLogger("scep.service").info("transaction %s refused", hostile)
-    assert written.getvalue() == f"INFO scep.service: transaction {shown} refused\n"
+    logging.getLogger("scep.core.service").info("transaction %s refused", hostile)
+    assert written.getvalue() == f"INFO scep.core.service: transaction {shown} refused\n"
 
 
 def test_repr_arguments_are_clean_too(written):
-    logging.getLogger("scep.web").info("unknown operation %r", "x\u2028y")
+    logging.getLogger("scep.http.web").info("unknown operation %r", "x\u2028y")
     assert written.getvalue().count("\n") == 1 and "\u2028" not in written.getvalue()
 
 
 def test_values_are_bounded_and_numbers_keep_their_formats(written):
-    logging.getLogger("scep.service").info("transaction %s issued serial %x (%d)", "T" * 256, 255, 7)
+    logging.getLogger("scep.core.service").info("transaction %s issued serial %x (%d)", "T" * 256, 255, 7)
     line = written.getvalue()
     assert "T" * logs.MAX_VALUE_CHARS + "...(56 more characters)" in line
     assert "T" * (logs.MAX_VALUE_CHARS + 1) not in line
@@ -56,18 +56,18 @@ def test_values_are_bounded_and_numbers_keep_their_formats(written):
 
 
 def test_a_message_without_arguments_is_cleaned_and_bounded(written):
-    logging.getLogger("scep.service").warning("x\ny" + "z" * 5000)
+    logging.getLogger("scep.core.service").warning("x\ny" + "z" * 5000)
     line = written.getvalue()
     assert line.count("\n") == 1 and "x\\ny" in line and len(line) < logs.MAX_MESSAGE_CHARS + 100
 
 
 def test_a_traceback_cannot_start_a_line_of_its_own(written):
     try:
-        raise ValueError("bad\nINFO scep.service: forged")
+        raise ValueError("bad\nINFO scep.core.service: forged")
     except ValueError:
-        logging.getLogger("scep.service").exception("failed")
+        logging.getLogger("scep.core.service").exception("failed")
     first, *rest = written.getvalue().splitlines()
-    assert first == "ERROR scep.service: failed"
+    assert first == "ERROR scep.core.service: failed"
     assert rest and all(line.startswith("    ") for line in rest)
 
 

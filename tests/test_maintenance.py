@@ -1,4 +1,4 @@
-"""Expiry watching and RA self-renewal (scep/maintenance.py) on local custody and SQLite, in process."""
+"""Expiry watching and RA self-renewal (scep/core/maintenance.py) on local custody and SQLite, in process."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from scep import ca, web
-from scep.ca import CaOptions
 from scep.challenge.static import StaticValidator
-from scep.client import RequestOptions, build_request, make_csr, new_enrollment
+from scep.core import ca
+from scep.core.ca import CaOptions
+from scep.core.maintenance import RA_RENEWAL_TRANSACTION, renew_ra_if_due, report_expiry
+from scep.core.service import ScepService, ServiceOptions
+from scep.http import web
 from scep.keys.local import LocalHome
-from scep.maintenance import RA_RENEWAL_TRANSACTION, renew_ra_if_due, report_expiry
-from scep.service import ScepService, ServiceOptions
 from scep.store.sqlite import SqliteStore
+from scep.tools.client import RequestOptions, build_request, make_csr, new_enrollment
 from tests.conftest import CHALLENGE
 from tests.scep_helpers import ra_and_ca
 
@@ -89,7 +90,7 @@ def test_no_device_can_take_the_renewal_transaction(home, tmp_path, keys):
 def test_expiry_is_reported_once_per_certificate_and_state(home, caplog):
     ra = ca.issue_ra(home, days=12)
     keys = home.keys()
-    with caplog.at_level(logging.WARNING, logger="scep.maintenance"):
+    with caplog.at_level(logging.WARNING, logger="scep.core.maintenance"):
         report_expiry(keys)
         report_expiry(keys)
         report_expiry(keys, now=ra.not_valid_after_utc + timedelta(hours=1))
@@ -104,7 +105,7 @@ def test_expiry_is_reported_once_per_certificate_and_state(home, caplog):
 def test_a_ca_near_its_end_says_how_to_roll_over(tmp_path, caplog):
     home = LocalHome(tmp_path / "keys")
     ca.init_root(home, CaOptions(days=20))
-    with caplog.at_level(logging.WARNING, logger="scep.maintenance"):
+    with caplog.at_level(logging.WARNING, logger="scep.core.maintenance"):
         report_expiry(home.keys())
     assert any("the CA certificate" in r.getMessage() and "scep ca rollover" in r.getMessage() for r in caplog.records)
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from scep.client import ScepClient
+from scep.tools.client import ScepClient
 from tests.serverproc import ScepServer
 from tests.test_azure_e2e import cloud, scep_cli, wait_for  # noqa: F401  (cloud is a fixture)
 

@@ -12,12 +12,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from scep import message as msg
-from scep.client import RequestOptions, build_request, make_csr, new_enrollment, self_signed
+from scep.core import message as msg
+from scep.core.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
+from scep.http.web import decode_message_param
 from scep.keys import KeyTransport
 from scep.keys.local import LocalKey
-from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
-from scep.web import decode_message_param
+from scep.tools.client import RequestOptions, build_request, make_csr, new_enrollment, self_signed
 from tests.scep_helpers import ra_and_ca
 
 

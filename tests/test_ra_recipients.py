@@ -13,14 +13,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from scep import message as msg
-from scep.ca import CaOptions, init_root
 from scep.challenge.static import StaticValidator
-from scep.client import DEFAULT_OPTIONS, Enrollment, Result, make_csr, new_enrollment, read_reply
+from scep.core import message as msg
+from scep.core.ca import CaOptions, init_root
+from scep.core.protocol import FailInfo, PkiStatus
+from scep.core.service import ScepService, ServiceOptions
 from scep.keys.local import LocalHome
-from scep.protocol import FailInfo, PkiStatus
-from scep.service import ScepService, ServiceOptions
 from scep.store.sqlite import SqliteStore
+from scep.tools.client import DEFAULT_OPTIONS, Enrollment, Result, make_csr, new_enrollment, read_reply
 from tests.conftest import CHALLENGE
 
 
@@ -151,7 +151,7 @@ def test_request_encrypted_to_a_certificate_not_ours_is_a_signed_failure_that_sa
     """What NDES-style clients did before the encryption certificate: encrypt to the CA alone."""
     ra, ca, _ = roles(service)
     enrollment = request(keys, "to-the-ca")
-    with caplog.at_level(logging.INFO, logger="scep.service"):
+    with caplog.at_level(logging.INFO, logger="scep.core.service"):
         result = send(service, enrollment, envelope_to(csr_der(enrollment), ca), ra)
     assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_MESSAGE_CHECK
     assert "not ours" in (result.fail_info_text or "")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from scep import config
+from scep.azure.vault_secrets import SecretError, SecretReader, is_key_vault_reference
 from scep.challenge import EnrollmentRequest
 from scep.challenge.static import StaticValidator
 from scep.config import ConfigError, load_settings
-from scep.secrets import SecretError, SecretReader, is_key_vault_reference
 from tests.emulators.entra import EntraEmulator
 from tests.emulators.keyvault import KeyVaultEmulator
 from tests.serverproc import REPO_ROOT, hermetic_environment, run_cli
@@ -163,7 +163,7 @@ def vault_environment(vault: KeyVaultEmulator, monkeypatch: pytest.MonkeyPatch) 
 def set_secret(vault: KeyVaultEmulator, name: str, value: str) -> None:
     from azure.keyvault.secrets import SecretClient
 
-    from scep.keys.azure_credentials import build_credential
+    from scep.azure.identity import build_credential
 
     admin = SecretClient(vault.url, build_credential(MANAGED_IDENTITY), verify_challenge_resource=False)
     admin.set_secret(name, value)
@@ -211,7 +211,7 @@ def test_the_secret_cache_has_a_bounded_lifetime(vault, vault_environment) -> No
 def test_the_azd_choice_builds_the_azure_developer_cli_credential(monkeypatch: pytest.MonkeyPatch) -> None:
     from azure.identity import AzureDeveloperCliCredential, DefaultAzureCredential
 
-    from scep.keys.azure_credentials import build_credential
+    from scep.azure.identity import build_credential
 
     monkeypatch.setenv("SCEP_AZURE_CREDENTIAL", "azd")
     assert isinstance(build_credential(), AzureDeveloperCliCredential)

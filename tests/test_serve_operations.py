@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from scep.client import ScepClient, make_csr, new_enrollment
+from scep.core.protocol import PkiStatus
 from scep.logs import MAX_VALUE_CHARS
-from scep.protocol import PkiStatus
+from scep.tools.client import ScepClient, make_csr, new_enrollment
 from tests.conftest import CHALLENGE
 from tests.serverproc import ScepServer, run_cli
 
-FORGED = "2099-01-01 00:00:00,000 ERROR scep.service: FORGED"
+FORGED = "2099-01-01 00:00:00,000 ERROR scep.core.service: FORGED"
 
 
 def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -109,7 +109,7 @@ def test_a_short_lived_ra_is_renewed_at_start_by_one_worker(tmp_path):
         # every worker picks the new RA up from the files within a few seconds
         wait_until(lambda: all(_health_status(server) == "ok" for _ in range(6)), "health ok from every worker")
         log = server.stderr
-    assert "WARNING scep.maintenance: the RA certificate CN=SCEP RA" in log and "scep ca ra renew" in log
+    assert "WARNING scep.core.maintenance: the RA certificate CN=SCEP RA" in log and "scep ca ra renew" in log
     assert log.count("RA renewed") == 1, log
 
 

@@ -15,10 +15,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from scep.ca import CaOptions, init_root
 from scep.challenge import NotificationFailed, Verdict
 from scep.challenge.static import StaticValidator
-from scep.client import (
+from scep.core.ca import CaOptions, init_root
+from scep.core.issuer import Profile, is_ca_certificate
+from scep.core.message import issuer_and_serial_der
+from scep.core.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
+from scep.core.service import ScepService, ServiceOptions
+from scep.keys import CustodyError, KeyTransport
+from scep.keys.local import LocalHome, LocalKey
+from scep.store import CertStatus
+from scep.store.sqlite import SqliteStore
+from scep.tools.client import (
     RequestOptions,
     ScepClient,
     build_request,
@@ -27,14 +35,6 @@ from scep.client import (
     read_reply,
     self_signed,
 )
-from scep.issuer import Profile, is_ca_certificate
-from scep.keys import CustodyError, KeyTransport
-from scep.keys.local import LocalHome, LocalKey
-from scep.message import issuer_and_serial_der
-from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
-from scep.service import ScepService, ServiceOptions
-from scep.store import CertStatus
-from scep.store.sqlite import SqliteStore
 from tests.conftest import CHALLENGE
 from tests.scep_helpers import enroll, ra_and_ca, send
 
@@ -114,7 +114,7 @@ def test_signer_that_can_receive_no_envelope_changes_nothing(make_service, keys,
     signer_key = ec.generate_private_key(ec.SECP256K1())
     enrollment = new_enrollment(key, csr)
     enrollment.signer = LocalKey(signer_key, self_signed(signer_key, csr.subject))
-    with caplog.at_level(logging.INFO, logger="scep.service"):
+    with caplog.at_level(logging.INFO, logger="scep.core.service"):
         reply = service.pki_operation(build_request(enrollment, ra, RequestOptions()))
     result = read_reply(reply.der, enrollment, ra)
     assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_ALG
@@ -154,7 +154,7 @@ def refusal_lines(caplog, transaction_id: str) -> list[str]:
 def test_every_failure_is_logged_once_with_its_reason(service, keys, caplog, key_kind, challenge, extensions,
                                                       expected):
     key = {"rsa": keys.new, "rsa1024": lambda: keys.new(1024), "ec": lambda: ec.generate_private_key(ec.SECP256R1())}
-    with caplog.at_level(logging.INFO, logger="scep.service"):
+    with caplog.at_level(logging.INFO, logger="scep.core.service"):
         result, enrollment = enroll(service, key[key_kind](), challenge=challenge, extensions=extensions)
     assert result.status is PkiStatus.FAILURE
     assert refusal_lines(caplog, enrollment.transaction_id) == [f"failInfo {expected}): {result.fail_info_text}"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
 
+from scep.azure.tables import TableStore
 from scep.store import (
     CertStatus,
     Claim,
@@ -31,7 +32,6 @@ from scep.store import (
     TxState,
 )
 from scep.store.sqlite import SCHEMA_VERSION, SqliteStore
-from scep.store.tables import TableStore
 from tests.azurite import ACCOUNT_KEY, ACCOUNT_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

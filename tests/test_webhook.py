@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from scep.azure.intune import HResult, IntuneClient, IntuneSettings, SecretSource, build_intune_credential
+from scep.azure.intune.validator import IntuneValidator
 from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
 from scep.challenge.composite import CompositeValidator
-from scep.challenge.intune import IntuneValidator
 from scep.challenge.static import StaticValidator
 from scep.challenge.webhook import (
     SIGNATURE_HEADER,
@@ -29,8 +30,7 @@ from scep.challenge.webhook import (
     decode_webhook_secret,
     sign_webhook_body,
 )
-from scep.intune import HResult, IntuneClient, IntuneSettings, SecretSource, build_intune_credential
-from scep.protocol import FailInfo
+from scep.core.protocol import FailInfo
 from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr
 
 STEP_SECRET = base64.b64encode(os.urandom(64)).decode()  # what `step ca provisioner webhook add` prints

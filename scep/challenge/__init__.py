@@ -9,7 +9,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from scep.protocol import FailInfo
+from scep.core.protocol import FailInfo
 
 
 class HResult(IntEnum):

@@ -16,9 +16,9 @@ from typing import Protocol
 
 from cryptography import x509
 
+from scep.azure.vault_secrets import is_key_vault_reference
 from scep.challenge import EnrollmentRequest, Verdict
-from scep.protocol import FailInfo
-from scep.secrets import is_key_vault_reference
+from scep.core.protocol import FailInfo
 
 REREAD_INTERVAL_SECONDS = 30.0
 

@@ -26,8 +26,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID
 
+from scep.azure.intune import HResult
 from scep.challenge import ChallengeValidator, EnrollmentRequest, NotificationFailed
-from scep.intune import HResult
 
 logger = logging.getLogger("scep.challenge.webhook")
 
@@ -270,7 +270,7 @@ def build_webhook_handler(settings: Any, validator: ChallengeValidator) -> Webho
     env: Mapping[str, str] = settings if isinstance(settings, Mapping) else settings.values
     text, setting = (env.get("SCEP_WEBHOOK_SECRET") or "").strip(), "SCEP_WEBHOOK_SECRET"
     if not text and (env.get("SCEP_WEBHOOK_SECRET_NAME") or "").strip():
-        from scep.intune import key_vault_secret_source
+        from scep.azure.intune import key_vault_secret_source
 
         setting = "SCEP_WEBHOOK_SECRET_NAME"
         source = key_vault_secret_source(env, env["SCEP_WEBHOOK_SECRET_NAME"].strip(), setting)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from scep.core.message import HASHES, LEGACY_HASHES, rsa_decrypt
 from scep.keys import (
     CaKeys,
     CustodyError,
@@ -32,7 +33,6 @@ from scep.keys import (
     Slot,
     encryption_twin,
 )
-from scep.message import HASHES, LEGACY_HASHES, rsa_decrypt
 
 RELOAD_CHECK_SECONDS = 2.0
 _CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}

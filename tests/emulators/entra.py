@@ -17,7 +17,7 @@ appid, azp, oid, sub, roles (configured per client and audience), iat, nbf and e
 
 MSAL validates an unknown authority host against login.microsoftonline.com unless instance discovery is
 disabled, so clients must pass `disable_instance_discovery=True` to azure-identity credentials (our
-`scep.keys.azure_credentials.build_credential` does so whenever AZURE_AUTHORITY_HOST is not a Microsoft host).
+`scep.azure.identity.build_credential` does so whenever AZURE_AUTHORITY_HOST is not a Microsoft host).
 """
 
 from __future__ import annotations

@@ -413,7 +413,7 @@ def test_no_app_role_grant_is_made_by_the_deployment() -> None:
 
 
 def test_the_grant_command_grants_the_two_intune_app_roles() -> None:
-    from scep.intune.grant import INTUNE_ROLES
+    from scep.azure.intune.grant import INTUNE_ROLES
 
     assert {(app_id, role_id) for app_id, role_id, _ in INTUNE_ROLES} == {
         (INTUNE_API_APP_ID, SCEP_CHALLENGE_PROVIDER),

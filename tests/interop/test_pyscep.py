@@ -36,7 +36,7 @@ from unittest import mock
 import pytest
 from cryptography import x509
 
-from scep.ca import CaOptions, init_root
+from scep.core.ca import CaOptions, init_root
 from scep.keys.local import LocalHome
 
 from . import CHALLENGE, ScepServer, assert_end_entity_from, load_certificate

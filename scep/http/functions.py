@@ -10,9 +10,11 @@ import json
 
 import azure.functions as func
 
-from scep import config, maintenance, web
+from scep import config
+from scep.core import maintenance
+from scep.core.service import ScepService
+from scep.http import web
 from scep.keys import CaKeys, CustodyError
-from scep.service import ScepService
 
 bp = func.Blueprint()
 

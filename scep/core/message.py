@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from scep import der
+from scep.core import der
+from scep.core.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 from scep.keys import CustodyError, KeyHandle, KeyTransport
-from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 
 OID_MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
 OID_PKI_STATUS = "2.16.840.1.113733.1.9.3"

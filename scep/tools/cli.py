@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scep import __version__, config, logs
-from scep.ca import CaOptions, LifecycleError
-from scep.issuer import fingerprint
+from scep.core.ca import CaOptions, LifecycleError
+from scep.core.issuer import fingerprint
 from scep.keys import CustodyError, KeySpec, Slot
 from scep.store.sqlite import SqliteStore
 
@@ -140,8 +140,9 @@ def _ca_options(args) -> CaOptions:
 
 
 def _serve(args) -> int:
-    from scep import localhost, maintenance
-    from scep.functions import run_maintenance
+    from scep.core import maintenance
+    from scep.http import localhost
+    from scep.http.functions import run_maintenance
 
     if args.data_dir:
         os.environ["SCEP_DATA_DIR"] = args.data_dir
@@ -219,7 +220,7 @@ def _print_banner(
 
 
 def _enroll(args) -> int:
-    from scep import client as scep_client
+    from scep.tools import client as scep_client
 
     scep = scep_client.ScepClient(args.url)
     caps = scep.capabilities()
@@ -272,7 +273,7 @@ def _home():
 
 
 def _ca_init(args) -> int:
-    from scep import ca
+    from scep.core import ca
 
     home = _home()
     if args.subordinate:
@@ -287,7 +288,7 @@ def _ca_init(args) -> int:
 
 
 def _ca_import(args) -> int:
-    from scep import ca
+    from scep.core import ca
 
     certificate = _load_certificate(Path(args.cert).read_bytes())
     chain = x509.load_pem_x509_certificates(Path(args.chain).read_bytes()) if args.chain else []
@@ -298,7 +299,7 @@ def _ca_import(args) -> int:
 
 
 def _ca_ra(args) -> int:
-    from scep import ca
+    from scep.core import ca
 
     certificate = ca.issue_ra(_home(), days=args.days)
     print(f"RA {certificate.subject.rfc4514_string()} issued, valid until {certificate.not_valid_after_utc:%Y-%m-%d}")
@@ -306,7 +307,7 @@ def _ca_ra(args) -> int:
 
 
 def _ca_rollover(args) -> int:
-    from scep import ca
+    from scep.core import ca
 
     if args.subordinate:
         csr = x509.load_der_x509_csr(ca.rollover_subordinate(_home(), _ca_options(args)))
@@ -320,7 +321,7 @@ def _ca_rollover(args) -> int:
 
 
 def _ca_promote(args) -> int:
-    from scep import ca
+    from scep.core import ca
 
     certificate = ca.promote(_home())
     print(f"{certificate.subject.rfc4514_string()} (SHA-256 {fingerprint(certificate)}) is now the issuing CA")
@@ -355,7 +356,7 @@ def _load_certificate(data: bytes) -> x509.Certificate:
 
 
 def _doctor(args) -> int:
-    from scep.doctor import run_doctor
+    from scep.tools.doctor import run_doctor
 
     ok = True
     for line in run_doctor(dict(os.environ)):
@@ -365,7 +366,7 @@ def _doctor(args) -> int:
 
 
 def _intune_check(args) -> int:
-    from scep.intune.check import run_check
+    from scep.azure.intune.check import run_check
 
     settings = config.load_settings()
     report = run_check(config.build_intune_client(settings))
@@ -375,8 +376,8 @@ def _intune_check(args) -> int:
 
 
 def _intune_grant(args) -> int:
-    from scep.intune.grant import GrantError, GraphApi, grant_intune_roles
-    from scep.keys.azure_credentials import build_credential
+    from scep.azure.identity import build_credential
+    from scep.azure.intune.grant import GrantError, GraphApi, grant_intune_roles
 
     # Only the Graph URL and the credential matter here, not the app's other settings.
     api = GraphApi(build_credential(), config.Settings(dict(os.environ)).get("INTUNE_GRAPH_URL"))

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, NameOID
 
-from scep.intune.client import (
+from scep.azure.intune.client import (
     GRAPH_ROLE,
     INTUNE_API_APP_ID,
     SCEP_ROLE,

@@ -16,8 +16,8 @@ from typing import Any
 from azure.core.credentials import AccessToken, TokenCredential
 from azure.core.exceptions import ClientAuthenticationError
 
-from scep.challenge import HResult
-from scep.intune.client import (
+from scep.azure.identity import authority_options
+from scep.azure.intune.client import (
     ERROR_CODES,
     KNOWN_CODES,
     SUCCESS_CODE,
@@ -34,10 +34,10 @@ from scep.intune.client import (
     IntuneSettings,
     RetryPolicy,
 )
-from scep.keys.azure_credentials import authority_options
-from scep.secrets import SecretReader
+from scep.azure.vault_secrets import SecretReader
+from scep.challenge import HResult
 
-logger = logging.getLogger("scep.intune")
+logger = logging.getLogger("scep.azure.intune")
 
 __all__ = [
     "ERROR_CODES",
@@ -90,7 +90,7 @@ def key_vault_secret_source(env: Mapping[str, str], secret_name: str, setting: s
     vault_url = (env.get("KEY_VAULT_URL") or "").strip()
     if not vault_url:
         raise IntuneConfigError("KEY_VAULT_URL", f"required to read {setting} from Key Vault")
-    from scep.keys.azure_credentials import build_credential
+    from scep.azure.identity import build_credential
 
     verify = (env.get("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE") or "true").strip().lower() not in ("false", "0", "no")
     reader = SecretReader(vault_url, build_credential(), verify_challenge_resource=verify)

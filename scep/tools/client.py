@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from scep import message as msg
-from scep.issuer import is_ca_certificate
+from scep.core import message as msg
+from scep.core.issuer import is_ca_certificate
+from scep.core.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 from scep.keys import KeyTransport
 from scep.keys.local import LocalKey
-from scep.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 
 
 class ScepClientError(Exception):

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
+from scep.core.protocol import FailInfo
 from scep.keys import KeyHandle, SignaturePadding
-from scep.protocol import FailInfo
 
 BACKDATE = timedelta(minutes=5)
 SERIAL_BITS = 128

@@ -13,7 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from scep import config
-from scep.issuer import fingerprint, is_ca_certificate
+from scep.core.issuer import fingerprint, is_ca_certificate
 from scep.keys import CaKeys, CustodyError, KeyOperationForbidden, KeyTransport
 from scep.store import StoreError
 
@@ -152,7 +152,7 @@ def _check_store(settings: config.Settings) -> Iterator[Finding]:
 
 
 def _check_intune(settings: config.Settings) -> Iterator[Finding]:
-    from scep.intune.check import run_check
+    from scep.azure.intune.check import run_check
 
     report = run_check(config.build_intune_client(settings))
     for line in report.lines:

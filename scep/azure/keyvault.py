@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from . import (
+from scep.keys import (
     CaKeys,
     CustodyError,
     KeyInfo,
@@ -337,7 +337,7 @@ class KeyVaultHome:
         if not vault_url.lower().startswith("https://"):
             raise ValueError("KEY_VAULT_URL must be an https:// URL")
         if credential is None:
-            from .azure_credentials import build_credential
+            from scep.azure.identity import build_credential
 
             credential = build_credential()
         self.vault_url = vault_url.rstrip("/")

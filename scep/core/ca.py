@@ -10,10 +10,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep.issuer import ca_certificate, is_ca_certificate, ra_certificate, sign_certificate
+from scep.core.issuer import ca_certificate, is_ca_certificate, ra_certificate, sign_certificate
 from scep.keys import CustodyError, KeyHandle, KeyHome, KeySpec, Slot
 
-log = logging.getLogger("scep.ca")
+log = logging.getLogger("scep.core.ca")
 
 DEFAULT_CA_SUBJECT = "CN=SCEP Root CA,O=scep-intune-ca"
 DEFAULT_RA_SUBJECT = "CN=SCEP RA,O=scep-intune-ca"

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import serialization
 
 from scep import __version__
-from scep.issuer import fingerprint
+from scep.core.issuer import fingerprint
+from scep.core.maintenance import Expiry, ExpiryState, expiry_of
+from scep.core.message import MalformedMessage
+from scep.core.service import ScepService
 from scep.keys import CustodyError
-from scep.maintenance import Expiry, ExpiryState, expiry_of
-from scep.message import MalformedMessage
-from scep.service import ScepService
 from scep.store import StoreError
 
-log = logging.getLogger("scep.web")
+log = logging.getLogger("scep.http.web")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 CONTENT_PKI_MESSAGE = "application/x-pki-message"

@@ -15,8 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from scep import PRODUCT
-from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
-from scep.intune import (
+from scep.azure.intune import (
     HResult,
     IntuneClient,
     IntuneConfigError,
@@ -24,8 +23,9 @@ from scep.intune import (
     IntuneResult,
     build_intune_client,
 )
-from scep.intune.client import MAX_ERROR_DESCRIPTION
-from scep.protocol import FailInfo
+from scep.azure.intune.client import MAX_ERROR_DESCRIPTION
+from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
+from scep.core.protocol import FailInfo
 
 __all__ = [
     "FAIL_INFO_BY_CODE",
@@ -37,7 +37,7 @@ __all__ = [
     "serial_number_hex",
 ]
 
-logger = logging.getLogger("scep.challenge.intune")
+logger = logging.getLogger("scep.azure.intune.validator")
 
 UNAVAILABLE = "Intune validation unavailable"
 

@@ -19,9 +19,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AttributeOID
 
-from scep import message as msg
 from scep.challenge import ChallengeValidator, EnrollmentRequest, HResult, NotificationFailed, Verdict
-from scep.issuer import (
+from scep.core import message as msg
+from scep.core.issuer import (
     PolicyError,
     Profile,
     check_request_key,
@@ -29,11 +29,11 @@ from scep.issuer import (
     is_ca_certificate,
     random_serial,
 )
+from scep.core.protocol import CAPABILITIES_BASE, FailInfo, MessageType, PkiStatus
 from scep.keys import CaKeys, Custody, CustodyError, time_budget
-from scep.protocol import CAPABILITIES_BASE, FailInfo, MessageType, PkiStatus
 from scep.store import CertStatus, Claim, ClaimOutcome, IssuedCertificate, SerialInUse, Store, StoreError, TxState
 
-log = logging.getLogger("scep.service")
+log = logging.getLogger("scep.core.service")
 
 LEASE = timedelta(seconds=60)
 SERIAL_ATTEMPTS = 3

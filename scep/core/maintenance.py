@@ -22,12 +22,12 @@ from typing import cast
 
 from cryptography import x509
 
-from scep.ca import issue_ra
+from scep.core.ca import issue_ra
+from scep.core.service import ScepService
 from scep.keys import CaKeys, KeyHome, Slot
-from scep.service import ScepService
 from scep.store import ClaimOutcome, Store
 
-log = logging.getLogger("scep.maintenance")
+log = logging.getLogger("scep.core.maintenance")
 
 EXPIRY_WARNING_DAYS = 30
 # Longer than any transactionID a device can send (message.py accepts at most 256 characters): no device can

@@ -28,7 +28,7 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from scep import PRODUCT, __version__
 
-logger = logging.getLogger("scep.intune")
+logger = logging.getLogger("scep.azure.intune")
 
 INTUNE_APP_ID = "0000000a-0000-0000-c000-000000000000"  # the Intune service principal Graph lists endpoints of
 INTUNE_API_APP_ID = "c161e42e-d4df-4a3d-9b42-e7a3c31f59d4"  # "Microsoft Intune API", which owns SCEP_ROLE

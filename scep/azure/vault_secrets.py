@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .keys import CustodyError
+from scep.keys import CustodyError
 
 KEY_VAULT_REFERENCE_PREFIX = "@microsoft.keyvault("
 DEFAULT_MAX_AGE_SECONDS = 300.0
@@ -51,7 +51,7 @@ class SecretReader:
         if not vault_url.lower().startswith("https://"):
             raise ValueError("KEY_VAULT_URL must be an https:// URL")
         if credential is None:
-            from .keys.azure_credentials import build_credential
+            from scep.azure.identity import build_credential
 
             credential = build_credential()
         self.vault_url = vault_url.rstrip("/")

@@ -17,7 +17,7 @@ from typing import Any
 import requests
 from azure.core.credentials import TokenCredential
 
-from scep.intune.client import GRAPH_ROLE, INTUNE_API_APP_ID, SCEP_ROLE
+from scep.azure.intune.client import GRAPH_ROLE, INTUNE_API_APP_ID, SCEP_ROLE
 
 MICROSOFT_GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
 SCEP_CHALLENGE_PROVIDER_ROLE_ID = "39d724e8-6a34-4930-9a36-364082c35716"

@@ -1,0 +1,1 @@
+"""Everything Azure: identity, Key Vault custody and secrets, Table Storage, the Intune client."""

@@ -1,0 +1,1 @@
+"""The `scep` command line and its tools: the SCEP client, doctor."""
