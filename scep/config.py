@@ -217,11 +217,9 @@ def _check_tables_settings(settings: Settings) -> None:
             "SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
             "or SCEP_TABLES_CONNECTION_STRING"
         )
-    from scep.azure.tables import _TABLE_PREFIX
+    from scep.azure.tables import TABLE_PREFIX
 
-    # Azure table names: letters and digits, not starting with a digit, 3-63 characters ("Understanding the
-    # Table service data model"); the longest suffix is 12 characters, so the prefix has at most 51.
-    if not _TABLE_PREFIX.fullmatch(settings.get("SCEP_TABLE_PREFIX")):
+    if not TABLE_PREFIX.fullmatch(settings.get("SCEP_TABLE_PREFIX")):
         raise ConfigError("SCEP_TABLE_PREFIX must be 1-51 letters and digits, starting with a letter")
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from scep import config
-from scep.azure.vault_secrets import SecretError, SecretReader, is_key_vault_reference
+from scep.appsettings import is_key_vault_reference
+from scep.azure.vault_secrets import SecretError, SecretReader
 from scep.challenge import EnrollmentRequest
 from scep.challenge.static import StaticValidator
 from scep.config import ConfigError, load_settings

@@ -33,6 +33,7 @@ from azure.core.exceptions import (
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from scep.store import (
+    MAX_REASON_CHARS,
     CertStatus,
     Claim,
     ClaimOutcome,
@@ -40,8 +41,9 @@ from scep.store import (
     SerialInUse,
     StoreError,
     TxState,
+    serial_text,
+    utc,
 )
-from scep.store.sqlite import MAX_REASON_CHARS, serial_text, utc
 
 MAX_PROPERTY_BYTES = 64 * 1024  # Azure Tables limit for one binary property
 MAX_RACES = 8  # re-read-and-decide rounds before a claim or finish gives up
@@ -56,7 +58,9 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "connection_timeout": 5,
     "read_timeout": 20,
 }
-_TABLE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,50}")
+# Azure table names: letters and digits, not starting with a digit, 3-63 characters ("Understanding the
+# Table service data model"); the longest suffix is 12 characters, so the prefix has at most 51.
+TABLE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9]{0,50}")
 
 Credential = TokenCredential | AzureNamedKeyCredential | AzureSasCredential
 
@@ -75,7 +79,7 @@ class TableStore:
         return store
 
     def _setup(self, build_service: Callable[[], TableServiceClient], table_prefix: str) -> None:
-        if not _TABLE_PREFIX.fullmatch(table_prefix):
+        if not TABLE_PREFIX.fullmatch(table_prefix):
             raise ValueError("table prefix must be 1-51 letters and digits, starting with a letter")
         self.transactions_table = f"{table_prefix}Transactions"
         self.certificates_table = f"{table_prefix}Certificates"

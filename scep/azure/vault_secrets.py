@@ -18,15 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from scep.appsettings import is_key_vault_reference
 from scep.keys import CustodyError
 
-KEY_VAULT_REFERENCE_PREFIX = "@microsoft.keyvault("
 DEFAULT_MAX_AGE_SECONDS = 300.0
-
-
-def is_key_vault_reference(value: str) -> bool:
-    """True for the text of a Key Vault reference (`@Microsoft.KeyVault(`, any case), resolved or not."""
-    return value.lstrip().lower().startswith(KEY_VAULT_REFERENCE_PREFIX)
 
 
 class SecretError(CustodyError):

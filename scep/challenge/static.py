@@ -16,7 +16,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from scep.azure.vault_secrets import is_key_vault_reference
+from scep.appsettings import is_key_vault_reference
 from scep.challenge import EnrollmentRequest, Verdict
 from scep.core.protocol import FailInfo
 

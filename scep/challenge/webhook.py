@@ -26,8 +26,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID
 
-from scep.azure.intune import HResult
-from scep.challenge import ChallengeValidator, EnrollmentRequest, NotificationFailed
+from scep.challenge import ChallengeValidator, EnrollmentRequest, HResult, NotificationFailed
 
 logger = logging.getLogger("scep.challenge.webhook")
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from scep.core import der
 from scep.core.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
-from scep.keys import CustodyError, KeyHandle, KeyTransport
+from scep.keys import HASHES, LEGACY_HASHES, CustodyError, KeyHandle, KeyTransport, hash_type, rsa_padding
 
 OID_MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
 OID_PKI_STATUS = "2.16.840.1.113733.1.9.3"
@@ -47,13 +47,6 @@ OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
 OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
 
-HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "sha1": hashes.SHA1,
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-}
-LEGACY_HASHES: dict[str, type[hashes.HashAlgorithm]] = {"md5": hashes.MD5}
 LEGACY_CIPHERS = frozenset({ContentCipher.DES})
 
 _CIPHER_OIDS = {
@@ -391,7 +384,7 @@ def _verify_signer_info(
     digest_name: str,
     content: bytes | None,
 ) -> None:
-    hash_class = HASHES.get(digest_name) or LEGACY_HASHES[digest_name]
+    hash_class = hash_type(digest_name)
     expected = attributes.get(OID_MESSAGE_DIGEST)
     if expected is None:
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "no messageDigest attribute")
@@ -512,7 +505,7 @@ def seal_envelope(
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         version, recipient_info = 2, _key_agreement_recipient(public_key, recipient, content_key)
     else:
-        encrypted_key = public_key.encrypt(content_key, _rsa_padding(transport))
+        encrypted_key = public_key.encrypt(content_key, rsa_padding(transport))
         version, recipient_info = 0, der.sequence(
             der.integer(0),
             issuer_and_serial_der(recipient),
@@ -705,18 +698,6 @@ def _key_transport_algorithm(transport: KeyTransport) -> bytes:
     ).dump()
 
 
-def _rsa_padding(transport: KeyTransport) -> asym_padding.AsymmetricPadding:
-    if transport is KeyTransport.RSA_PKCS1V15:
-        return asym_padding.PKCS1v15()
-    digest = hashes.SHA1() if transport is KeyTransport.RSA_OAEP_SHA1 else hashes.SHA256()
-    return asym_padding.OAEP(asym_padding.MGF1(digest), digest, None)
-
-
-def rsa_decrypt(private_key: rsa.RSAPrivateKey, ciphertext: bytes, transport: KeyTransport) -> bytes:
-    """RSA key-transport decryption for in-process keys (local custody and the client)."""
-    return private_key.decrypt(ciphertext, _rsa_padding(transport))
-
-
 def _block_cipher(cipher: ContentCipher, key: bytes):
     if cipher in (ContentCipher.DES, ContentCipher.DES3):
         return TripleDES(key * 3 if len(key) == 8 else key)
@@ -751,7 +732,7 @@ def sign_message(
     extra_certificates: Iterable[x509.Certificate] = (),
 ) -> bytes:
     """Build a SignedData (DER ContentInfo) over `content` with SCEP signed attributes, signed by custody."""
-    hash_class = HASHES.get(digest_name) or LEGACY_HASHES[digest_name]
+    hash_class = hash_type(digest_name)
     attributes = [
         der.attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
         der.attribute(OID_SIGNING_TIME, der.utc_time(_now())),

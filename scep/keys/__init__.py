@@ -18,6 +18,18 @@ from enum import Enum
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+# The digests sign_digest accepts by name; md5 only where a legacy client is explicitly allowed.
+HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+LEGACY_HASHES: dict[str, type[hashes.HashAlgorithm]] = {"md5": hashes.MD5}
 
 
 class KeyTransport(str, Enum):
@@ -26,6 +38,24 @@ class KeyTransport(str, Enum):
     RSA_PKCS1V15 = "RSA1_5"
     RSA_OAEP_SHA1 = "RSA-OAEP"
     RSA_OAEP_SHA256 = "RSA-OAEP-256"
+
+
+def hash_type(name: str) -> type[hashes.HashAlgorithm]:
+    """The hash algorithm of a digest name, legacy ones included (KeyError for an unknown name)."""
+    return HASHES.get(name) or LEGACY_HASHES[name]
+
+
+def rsa_padding(transport: KeyTransport) -> asym_padding.AsymmetricPadding:
+    """The RSA encryption padding of a key transport."""
+    if transport is KeyTransport.RSA_PKCS1V15:
+        return asym_padding.PKCS1v15()
+    digest = hashes.SHA1() if transport is KeyTransport.RSA_OAEP_SHA1 else hashes.SHA256()
+    return asym_padding.OAEP(asym_padding.MGF1(digest), digest, None)
+
+
+def rsa_decrypt(private_key: rsa.RSAPrivateKey, ciphertext: bytes, transport: KeyTransport) -> bytes:
+    """RSA key-transport decryption for in-process keys (local custody and the client)."""
+    return private_key.decrypt(ciphertext, rsa_padding(transport))
 
 
 class SignaturePadding(str, Enum):

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from scep.core.message import HASHES, LEGACY_HASHES, rsa_decrypt
 from scep.keys import (
     CaKeys,
     CustodyError,
@@ -32,6 +31,8 @@ from scep.keys import (
     SignaturePadding,
     Slot,
     encryption_twin,
+    hash_type,
+    rsa_decrypt,
 )
 
 RELOAD_CHECK_SECONDS = 2.0
@@ -60,7 +61,7 @@ class LocalKey:
 
 
 def sign_digest_with(key: PrivateKeyTypes, digest: bytes, hash_name: str, padding: SignaturePadding) -> bytes:
-    hash_algorithm = (HASHES.get(hash_name) or LEGACY_HASHES[hash_name])()
+    hash_algorithm = hash_type(hash_name)()
     prehashed = utils.Prehashed(hash_algorithm)
     if isinstance(key, rsa.RSAPrivateKey):
         if padding is SignaturePadding.PSS:

@@ -7,9 +7,25 @@ for one transactionID; the certificate is recorded before anyone sees it, so not
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Protocol
+
+MAX_REASON_CHARS = 1024  # a failure reason is recorded up to this length
+
+
+def serial_text(serial: int) -> str:
+    """Serial as fixed-width lowercase hex (RFC 5280 serials fit 20 octets), so text order is numeric order."""
+    if serial < 0:
+        raise ValueError("certificate serial numbers are positive")
+    return f"{serial:040x}"
+
+
+def utc(value: datetime) -> datetime:
+    """An aware UTC datetime; naive values are taken to be UTC already (as cryptography's legacy accessors)."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 class StoreError(Exception):

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from scep.store import (
+    MAX_REASON_CHARS,
     CertStatus,
     Claim,
     ClaimOutcome,
@@ -26,11 +27,12 @@ from scep.store import (
     SerialInUse,
     StoreError,
     TxState,
+    serial_text,
+    utc,
 )
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 15_000
-MAX_REASON_CHARS = 1024
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -91,20 +93,6 @@ _SELECT_CERT_BY_TX = (
     " FROM transactions t JOIN certificates c ON c.serial = t.serial WHERE t.transaction_id = ?"
 )
 _SET_STATUS = "UPDATE certificates SET status = ? WHERE serial = ?"
-
-
-def serial_text(serial: int) -> str:
-    """Serial as fixed-width lowercase hex (RFC 5280 serials fit 20 octets), so text order is numeric order."""
-    if serial < 0:
-        raise ValueError("certificate serial numbers are positive")
-    return f"{serial:040x}"
-
-
-def utc(value: datetime) -> datetime:
-    """An aware UTC datetime; naive values are taken to be UTC already (as cryptography's legacy accessors)."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
 
 
 def _now_text() -> str:
