@@ -99,13 +99,8 @@ param scepCertValidityDays int = 365
 param staticChallengeSecretName string = 'scep-challenge'
 
 @secure()
-@description('Static challenge to store in Key Vault (modes with static). Empty: generatedStaticChallenge is stored instead, so a static deployment never runs without a challenge.')
+@description('Static challenge to store in Key Vault (modes with static); a redeployment with a new value replaces it. Empty: the stored challenge is kept; the post-provision hook (`scep challenge init`) creates a random one when the vault has none.')
 param staticChallenge string = ''
-
-@secure()
-//checkov:skip=CKV_AZURE_131:The default is newGuid(), a fresh random value per deployment, which Bicep's secure-parameter-default rule allows; nothing is hard-coded.
-@description('Used when staticChallenge is empty: a fresh random GUID (122 random bits) on every deployment. Set staticChallenge to keep one challenge across deployments.')
-param generatedStaticChallenge string = newGuid()
 
 @description('INTUNE_TENANT_ID: tenant whose Intune validates challenges.')
 param intuneTenantId string = tenant().tenantId
@@ -144,7 +139,7 @@ param webhookSecret string = ''
 @description('Object id of who runs `scep ca init` (azd sets it to its signed-in user or service principal). Empty: no deployer roles on the vault.')
 param deployerPrincipalId string = ''
 
-@description('Also give the deployer Key Vault Secrets Officer (needed by `scep ca import` for a subordinate CA, to set secrets, and to read a generated static challenge).')
+@description('Also give the deployer Key Vault Secrets Officer (needed by `scep ca import` for a subordinate CA, and to set secrets). Static challenge modes grant it anyway: the post-provision hook creates the challenge and the deployer reads it to configure devices.')
 param deployerWritesSecrets bool = false
 
 @description('Refuse plain HTTP (redirect to HTTPS). false only for devices or routers that cannot speak HTTPS to SCEP: SCEP messages are signed and encrypted, but the challenge and the CA download then cross the network in the clear.')
@@ -201,11 +196,12 @@ module keyVault 'modules/keyvault.bicep' = {
     skuName: keyVaultSku
     identityPrincipalId: identity.properties.principalId
     deployerPrincipalId: deployerPrincipalId
-    deployerWritesSecrets: deployerWritesSecrets
+    deployerWritesSecrets: deployerWritesSecrets || staticChallengeEnabled
     auditWorkspaceId: vaultAuditLog ? monitoring.outputs.workspaceId : ''
     staticChallengeSecretName: staticChallengeSecretName
-    // Static modes always store a challenge: the deployer's, or a generated one. Intune-only stores none.
-    staticChallenge: staticChallengeEnabled ? (empty(staticChallenge) ? generatedStaticChallenge : staticChallenge) : ''
+    // Only a challenge the deployer gives is written: a generated value would change on every deployment and
+    // break every configured device. The post-provision hook creates a missing one once (`scep challenge init`).
+    staticChallenge: staticChallengeEnabled ? staticChallenge : ''
     intuneClientSecretName: intuneClientSecretName
     intuneClientSecret: intuneClientSecret
     webhookSecretName: webhookSecretName

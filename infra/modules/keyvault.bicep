@@ -16,19 +16,13 @@ param tags object
 ])
 param skuName string
 
-@description('Principal id of the function app identity (reads certificates, signs and decrypts, reads secrets).')
+@description('Principal id of the function app identity (reads certificates, signs and unwraps, reads secrets, renews the RA).')
 param identityPrincipalId string
 
 @description('Principal that runs `scep ca init` (CA lifecycle). Empty: no deployer role assignments.')
 param deployerPrincipalId string
 
-@allowed([
-  'User'
-  'Group'
-  'ServicePrincipal'
-])
-
-@description('Also give the deployer Key Vault Secrets Officer: `scep ca import` stores a subordinate CA chain as a secret.')
+@description('Also give the deployer Key Vault Secrets Officer: `scep ca import` stores a subordinate CA chain as a secret, `scep challenge init` creates the static challenge.')
 param deployerWritesSecrets bool
 
 @description('Log Analytics workspace receiving the vault audit log (every sign and decrypt). Empty: no audit log.')
@@ -120,12 +114,61 @@ module webhookSecretValue 'vault-secret.bicep' = if (!empty(webhookSecretName) &
   }
 }
 
-// Runtime: sign and decrypt with the CA/RA keys, read the certificates, read the secrets. Nothing that writes.
+// Runtime: sign and unwrapKey with the CA/RA keys, read the certificates, read the secrets.
 var identityRoles = [
   keyVaultCryptoUser
   keyVaultCertificateUser
   keyVaultSecretsUser
 ]
+
+// The daily `maintenance` function renews the RA by itself (scep/core/maintenance.py, scep/core/ca.py issue_ra),
+// which writes to the vault; these data actions, and nothing else, are what the built-in readers above lack
+// ("Azure permissions for Security", Microsoft.KeyVault data actions):
+// - certificates/create/action: begin_create_certificate (the bootstrap and the pending RA version) and
+//   merge_certificate ("This operation requires the certificates/create permission");
+// - certificates/update/action: tags (scep-role, scep-encryption), disabling the bootstrap version, and deleting
+//   a stale pending operation ("requires the certificates/update permission");
+// - secrets/setSecret/action: the RA version's encryption-only twin, secret <ra name>-encryption-<version>.
+// Certificates are not ARM resources, and the twin's secret name changes with every RA version, so the role is
+// assigned at the vault: it also covers the CA certificate and the other secrets (see docs/keyvault.md).
+var raRenewalDataActions = [
+  'Microsoft.KeyVault/vaults/certificates/create/action'
+  'Microsoft.KeyVault/vaults/certificates/update/action'
+  'Microsoft.KeyVault/vaults/secrets/setSecret/action'
+]
+
+// Custom roles are assignable at management group, subscription or resource group level; this one only here.
+resource raRenewalRole 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(resourceGroup().id, vault.id, 'scep-ra-renewal')
+  properties: {
+    // Role names are unique per tenant; vault names are globally unique.
+    roleName: 'SCEP RA renewal (${name})'
+    description: 'Lets the SCEP function app renew its RA in Key Vault ${name}: create and merge certificate versions, tag them, store the RA encryption certificate as a secret. No delete, purge, import, backup or read.'
+    type: 'CustomRole'
+    permissions: [
+      {
+        actions: []
+        notActions: []
+        dataActions: raRenewalDataActions
+        notDataActions: []
+      }
+    ]
+    assignableScopes: [
+      resourceGroup().id
+    ]
+  }
+}
+
+resource identityRaRenewal 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(vault.id, identityPrincipalId, raRenewalRole.name)
+  scope: vault
+  properties: {
+    // The subscription-level id, the form role assignments take (a definition is stored once per subscription).
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', raRenewalRole.name)
+    principalId: identityPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
 
 // Deployer: `scep ca init` / `scep ca ra issue` create certificates (pending CSR, merge) and sign with the new key.
 // Writing secrets (the chain above a subordinate CA) is opt-in.

@@ -1,7 +1,9 @@
 # Creates the SCEP CA and RA certificates in the deployed Key Vault, once (Windows counterpart of
 # postprovision.sh; same environment variables). Idempotent: when `scep ca show` finds the CA, nothing is created
-# (only a missing RA is issued). `scep ca init` issues the RA together with the CA. With
-# SCEP_GRANT_INTUNE_PERMISSIONS=true it then grants the Intune app roles (`scep intune grant`).
+# (only a missing RA is issued). `scep ca init` issues the RA together with the CA. In static challenge modes
+# (SCEP_CHALLENGE_SECRET_NAME set) it creates the challenge secret with a random value when the vault has none
+# (`scep challenge init`, never replacing it). With SCEP_GRANT_INTUNE_PERMISSIONS=true it then grants the Intune app
+# roles (`scep intune grant`).
 # Every Azure call is made as the account azd signed in (SCEP_AZURE_CREDENTIAL=azd), never as whoever `az` is.
 $ErrorActionPreference = 'Stop'
 
@@ -41,6 +43,13 @@ function Read-Inventory {
     throw "Still no access to $($env:KEY_VAULT_URL): is the deployer's Key Vault Certificates Officer role assigned?"
 }
 
+# Static modes only; the value is not printed (`scep challenge init --show` prints it).
+function New-Challenge {
+    if (-not $env:SCEP_CHALLENGE_SECRET_NAME) { return }
+    & $scep challenge init
+    if ($LASTEXITCODE -ne 0) { throw 'scep challenge init failed' }
+}
+
 function Grant-IntunePermissions {
     if ($env:SCEP_GRANT_INTUNE_PERMISSIONS -ne 'true') { return }
     if (-not $env:INTUNE_AUTH -or $env:INTUNE_AUTH -eq 'managed-identity') {
@@ -58,6 +67,7 @@ if ($inventory) {
     $inventory | Write-Host
     if ($inventory | Where-Object { $_ -like '`[ra`]*' }) {
         Write-Host "CA '$($env:SCEP_CA_CERT_NAME)' already exists in $($env:KEY_VAULT_URL): nothing to create."
+        New-Challenge
         Grant-IntunePermissions
         exit 0
     }
@@ -65,6 +75,7 @@ if ($inventory) {
     & $scep ca ra issue
     if ($LASTEXITCODE -ne 0) { throw 'scep ca ra issue failed' }
     & $scep ca show
+    New-Challenge
     Grant-IntunePermissions
     exit 0
 }
@@ -81,4 +92,5 @@ Write-Host "Creating CA '$($env:SCEP_CA_CERT_NAME)' and RA '$($env:SCEP_RA_CERT_
 & $scep ca init @arguments
 if ($LASTEXITCODE -ne 0) { throw 'scep ca init failed' }
 & $scep ca show
+New-Challenge
 Grant-IntunePermissions

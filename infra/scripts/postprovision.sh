@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates the SCEP CA and RA certificates in the deployed Key Vault, once (`scep ca init` issues both), then,
+# Creates the SCEP CA and RA certificates in the deployed Key Vault, once (`scep ca init` issues both); in static
+# challenge modes (SCEP_CHALLENGE_SECRET_NAME set) creates the challenge secret with a random value when the vault
+# has none (`scep challenge init`, which never replaces it, so devices keep working across redeployments); then,
 # with SCEP_GRANT_INTUNE_PERMISSIONS=true, grants the Intune app roles (`scep intune grant`, which waits out
 # Entra's replication of a principal created by the deployment).
 # Run by `azd up` / `azd provision` after the infrastructure exists (azd exports the Bicep outputs), or by hand:
@@ -65,6 +67,14 @@ init_arguments() {
     return 0
 }
 
+# Static modes only (main.bicep outputs SCEP_CHALLENGE_SECRET_NAME empty in intune mode). The value is not
+# printed: read it with `scep challenge init --show` (or from the vault) to configure devices.
+create_challenge() {
+    local scep="$1"
+    [ -n "${SCEP_CHALLENGE_SECRET_NAME:-}" ] || return 0
+    "$scep" challenge init
+}
+
 grant_intune_permissions() {
     local scep="$1"
     [ "${SCEP_GRANT_INTUNE_PERMISSIONS:-false}" = "true" ] || return 0
@@ -101,6 +111,7 @@ main() {
     local scep
     scep="$(find_scep)"
     create_ca "$scep"
+    create_challenge "$scep"
     grant_intune_permissions "$scep"
 }
 

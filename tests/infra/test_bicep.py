@@ -46,12 +46,24 @@ ROLE = {
     "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
 }
 
+# Custom roles defined in the Bicep, named by their symbolic name.
+RA_RENEWAL_ROLE = "custom:raRenewalRole"
+
+# What the RA's self-renewal writes, and nothing more: new certificate versions and their merge, their tags and
+# the bootstrap version's disabling, the encryption twin's secret (docs/keyvault.md, "Roles the app needs").
+RA_RENEWAL_DATA_ACTIONS = {
+    "Microsoft.KeyVault/vaults/certificates/create/action",
+    "Microsoft.KeyVault/vaults/certificates/update/action",
+    "Microsoft.KeyVault/vaults/secrets/setSecret/action",
+}
+
 # (principal, resource type of the scope) -> roles. Set equality: nothing more, nothing less.
 INTENDED_ROLES = {
     ("identity", "Microsoft.KeyVault/vaults"): {
         ROLE["Key Vault Crypto User"],
         ROLE["Key Vault Certificate User"],
         ROLE["Key Vault Secrets User"],
+        RA_RENEWAL_ROLE,
     },
     ("deployer", "Microsoft.KeyVault/vaults"): {
         ROLE["Key Vault Certificates Officer"],
@@ -339,18 +351,47 @@ def role_assignments() -> dict[tuple[str, str], set[str]]:
 
 
 def role_ids_of(resource: dict[str, Any], body: dict[str, Any], doc: dict[str, Any]) -> set[str]:
+    """Built-in role ids, or custom:<symbolic name> for a role definition of the same file."""
     function = body["properties"]["roleDefinitionId"]["function"]
     assert function["type"] == "subscription_resource_id"
     assert function["parameters"]["resource_type"] == "Microsoft.Authorization/roleDefinitions"
     loop = resource["config"].get("loop_type")
+    name = function["parameters"]["resource_name_1"]
+    if loop is None and isinstance(name, dict):
+        accessed = name["operator"]["operands"]
+        assert accessed["operand_2"] == "name", name
+        assert doc["resources"][accessed["operand_1"]]["type"] == "Microsoft.Authorization/roleDefinitions"
+        return {f"custom:{accessed['operand_1']}"}
     if loop is None:
-        return {resolve(function["parameters"]["resource_name_1"], doc)}
+        return {resolve(name, doc)}
     assert function["parameters"]["resource_name_1"] == loop["detail"]["item_name"]
     return set(array_items(loop["detail"]["array_name"], doc))
 
 
 def test_role_assignments_are_exactly_the_intended_ones() -> None:
     assert role_assignments() == INTENDED_ROLES
+
+
+def test_the_ra_renewal_role_allows_exactly_the_writes_renewal_makes() -> None:
+    keyvault = module("keyvault.bicep")
+    role = single(keyvault, "Microsoft.Authorization/roleDefinitions")
+    properties = role["properties"]
+    assert properties["type"] == "CustomRole"
+    assert "${name}" in properties["roleName"], "role names are unique per tenant: the vault name makes it so"
+    (permission,) = properties["permissions"]
+    assert permission["actions"] == [] and permission["notActions"] == [] and permission["notDataActions"] == []
+    assert set(array_items(permission["dataActions"], keyvault)) == RA_RENEWAL_DATA_ACTIONS
+    (assignable,) = properties["assignableScopes"]
+    assert assignable["operator"]["operands"]["operand_1"]["function"]["type"] == "resource_group"
+
+
+def test_the_app_can_neither_delete_nor_export_nor_import() -> None:
+    granted = " ".join(RA_RENEWAL_DATA_ACTIONS)
+    for verb in ("delete", "purge", "import", "backup", "restore", "keys/create", "release", "*"):
+        assert verb not in granted, verb
+    identity_roles = INTENDED_ROLES[("identity", "Microsoft.KeyVault/vaults")]
+    for officer in ("Key Vault Certificates Officer", "Key Vault Crypto Officer", "Key Vault Secrets Officer"):
+        assert ROLE[officer] not in identity_roles, officer
 
 
 def test_principal_ids_reach_the_modules_from_the_right_source() -> None:
@@ -402,7 +443,12 @@ def test_deployer_writes_secrets_only_when_asked() -> None:
     assert choice["condition"] == "deployerWritesSecrets"
     assert array_items(choice["true_value"], keyvault) == [ROLE["Key Vault Secrets Officer"]]
     assert choice["false_value"] == []
-    assert param_default(parsed(INFRA / "main.bicep"), "deployerWritesSecrets") is False
+    main = parsed(INFRA / "main.bicep")
+    assert param_default(main, "deployerWritesSecrets") is False
+    # Static modes: the hook creates the challenge as the deployer, who also reads it to configure devices.
+    asked = main["modules"]["keyVault"]["config"]["params"]["deployerWritesSecrets"]["operator"]
+    assert asked["type"] == "or"
+    assert asked["operands"] == {"operand_1": "deployerWritesSecrets", "operand_2": "staticChallengeEnabled"}
 
 
 def test_no_app_role_grant_is_made_by_the_deployment() -> None:
@@ -580,19 +626,18 @@ def test_no_setting_is_a_key_vault_reference() -> None:
     assert app_settings()["SCEP_CHALLENGE_SECRET_NAME"] == "staticChallengeSecretName"
 
 
-def test_a_static_challenge_is_always_provisioned() -> None:
+def test_the_static_challenge_survives_redeployment() -> None:
     main = parsed(INFRA / "main.bicep")
     secure = {name for name, p in main["parameters"].items() if any(d["type"] == "secure" for d in p["decorators"])}
-    assert secure == {"staticChallenge", "generatedStaticChallenge", "intuneClientSecret", "webhookSecret"}
-    assert param_default(main, "generatedStaticChallenge") == {"function": {"type": "new_guid"}}
+    assert secure == {"staticChallenge", "intuneClientSecret", "webhookSecret"}
+    assert "newGuid" not in "".join(p.read_text() for p in bicep_files()), "a value generated per deployment"
     stored = main["modules"]["keyVault"]["config"]["params"]["staticChallenge"]["operator"]["operands"]
-    assert stored["condition"] == "staticChallengeEnabled" and stored["false_value"] == ""
-    chosen = stored["true_value"]["operator"]["operands"]
-    assert chosen["condition"]["function"] == {"type": "empty", "parameters": {"item_to_test": "staticChallenge"}}
-    assert (chosen["true_value"], chosen["false_value"]) == ("generatedStaticChallenge", "staticChallenge")
+    assert stored == {"condition": "staticChallengeEnabled", "true_value": "staticChallenge", "false_value": ""}
+    assert param_default(main, "staticChallenge") == ""
     keyvault = module("keyvault.bicep")
     writer = keyvault["modules"]["staticChallengeSecret"]["config"]
-    assert writer["condition"]["operator"]["type"] == "not"  # written whenever a value is given: always, in static
+    assert writer["condition"] == {"operator": {"type": "not", "operands": {"bool_value": {
+        "function": {"type": "empty", "parameters": {"item_to_test": "staticChallenge"}}}}}}
     function_app_params = main["modules"]["functionApp"]["config"]["params"]
     assert not secure & set(flatten_strings(function_app_params, main)), "a secret flows into app settings"
 
@@ -776,6 +821,19 @@ def test_postprovision_grants_the_intune_roles_when_asked(tmp_path: Path) -> Non
     assert f"scep intune grant --principal-id principal-1 {URL_AND_NAME}" in calls
     calls = run_postprovision(tmp_path, INTUNE_AUTH="federated", INTUNE_CLIENT_ID="app-1", **identity)
     assert f"scep intune grant --client-id app-1 {URL_AND_NAME}" in calls
+
+
+def test_postprovision_creates_the_static_challenge_once_in_static_modes_only(tmp_path: Path) -> None:
+    assert not [c for c in run_postprovision(tmp_path) if "challenge" in c], "intune mode stores no challenge"
+    calls = run_postprovision(
+        tmp_path, SCEP_CHALLENGE_SECRET_NAME="scep-challenge", SCEP_GRANT_INTUNE_PERMISSIONS="true",
+        SCEP_IDENTITY_PRINCIPAL_ID="principal-1",
+    )
+    scep_calls = [c.split(" KEY_VAULT_URL")[0] for c in calls if c.startswith("scep")]
+    assert scep_calls[-2:] == ["scep challenge init", "scep intune grant --principal-id principal-1"]
+    assert "--show" not in " ".join(calls), "the hook never prints the challenge"
+    powershell = (INFRA / "scripts" / "postprovision.ps1").read_text()
+    assert "& $scep challenge init" in powershell and "SCEP_CHALLENGE_SECRET_NAME" in powershell
 
 
 def test_postprovision_stops_on_a_vault_error_other_than_403(tmp_path: Path) -> None:
