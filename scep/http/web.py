@@ -1,6 +1,10 @@
-"""SCEP over HTTP: operation and message parsing, content types, status codes (framework-free).
+"""The product's one HTTP boundary (framework-free): the route table, SCEP operation and message parsing, content
+types, status codes.
 
-`functions.py` adapts Azure Functions requests to `handle_scep`; nothing here knows Azure Functions.
+`ROUTES` lists every path the product serves, its methods and its handler; `ScepHttp` answers a framework-free
+`Request` with an `HttpReply`. Both adapters are built from that one table and the same `ScepHttp` object:
+`functions.py` registers each route as an Azure Functions HTTP function, `wsgi.py` is the WSGI application that
+`scep serve` runs on gunicorn. Nothing here knows Azure Functions or WSGI.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ import binascii
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 
 from scep import __version__
+from scep.challenge.webhook import WebhookHandler
 from scep.core.issuer import fingerprint
 from scep.core.maintenance import Expiry, ExpiryState, expiry_of
 from scep.core.message import MalformedMessage
@@ -43,6 +49,10 @@ class HttpReply:
 
 def text(status: int, message: str) -> HttpReply:
     return HttpReply(status, (message + "\n").encode("utf-8"))
+
+
+def too_large(limit: int) -> HttpReply:
+    return text(413, f"message larger than {limit} bytes")
 
 
 def handle_scep(
@@ -105,7 +115,7 @@ def _pki_message(method: str, params: Mapping[str, str], body: bytes, limit: int
     if not data:
         return text(400, "empty PKIOperation message")
     if len(data) > limit:
-        return text(413, f"message larger than {limit} bytes")
+        return too_large(limit)
     return data
 
 
@@ -182,3 +192,120 @@ def _certificate_report(expiry: Expiry) -> dict:
         "expiry": expiry.state.value,
         "expired": expiry.state is ExpiryState.EXPIRED,
     }
+
+
+# --------------------------------------------------------------------------------------------- routes
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request as every adapter hands it over: query parameters first value per name, `+` already
+    decoded to a space (as the Functions host and WSGI servers do), the whole body."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+class Backend(Protocol):
+    """What the handlers need from the composition root, once per process."""
+
+    def service(self) -> ScepService: ...
+
+    def max_message_bytes(self) -> int: ...
+
+    def webhooks(self) -> WebhookHandler | None: ...
+
+
+Handler = Callable[[Backend, Request], HttpReply]
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str  # the Azure Functions function name
+    path: str  # as a Functions route template is written: no leading slash (host.json routePrefix is "")
+    methods: tuple[str, ...]
+    handler: Handler
+
+
+def _scep(backend: Backend, request: Request) -> HttpReply:
+    return handle_scep(backend.service(), request.method, request.params, request.body, backend.max_message_bytes())
+
+
+def _health(backend: Backend, request: Request) -> HttpReply:
+    return health(backend.service())
+
+
+def _ca_pem(backend: Backend, request: Request) -> HttpReply:
+    return ca_download(backend.service(), "pem")
+
+
+def _ca_der(backend: Backend, request: Request) -> HttpReply:
+    return ca_download(backend.service(), "der")
+
+
+def _webhook(backend: Backend, request: Request, kind: str) -> HttpReply:
+    handler = backend.webhooks()
+    if handler is None:
+        return text(404, "validation webhooks are not configured (SCEP_WEBHOOK_SECRET)")
+    limit = backend.max_message_bytes()
+    if len(request.body) > limit:
+        return too_large(limit)
+    handle = handler.handle_challenge if kind == "challenge" else handler.handle_notify
+    status, payload = handle(request.body, request.headers)
+    return HttpReply(status, json.dumps(payload).encode("utf-8"), "application/json")
+
+
+def _webhook_challenge(backend: Backend, request: Request) -> HttpReply:
+    return _webhook(backend, request, "challenge")
+
+
+def _webhook_notify(backend: Backend, request: Request) -> HttpReply:
+    return _webhook(backend, request, "notify")
+
+
+_SCEP_METHODS = ("GET", "POST")
+
+# Every route is anonymous: SCEP clients send no credentials, and the webhooks authenticate each call by its
+# signature. The paths besides api/scep are the ones SCEP clients use by habit.
+ROUTES: tuple[Route, ...] = (
+    Route("scep", "api/scep", _SCEP_METHODS, _scep),
+    Route("scep_pkiclient", "api/scep/pkiclient.exe", _SCEP_METHODS, _scep),
+    Route("scep_cgi_bin", "cgi-bin/pkiclient.exe", _SCEP_METHODS, _scep),
+    Route("scep_mscep", "certsrv/mscep/mscep.dll", _SCEP_METHODS, _scep),
+    Route("scep_mscep_pkiclient", "certsrv/mscep/mscep.dll/pkiclient.exe", _SCEP_METHODS, _scep),
+    Route("health", "api/health", ("GET",), _health),
+    Route("ca_pem", "api/ca.pem", ("GET",), _ca_pem),
+    Route("ca_der", "api/ca.der", ("GET",), _ca_der),
+    Route("ca_crt", "api/ca.crt", ("GET",), _ca_der),
+    Route("webhook_scepchallenge", "api/webhook/scepchallenge", ("POST",), _webhook_challenge),
+    Route("webhook_notify", "api/webhook/notify", ("POST",), _webhook_notify),
+)
+
+
+class ScepHttp:
+    """The route table bound to a backend: the request handling both adapters run."""
+
+    def __init__(self, backend: Backend, routes: tuple[Route, ...] = ROUTES) -> None:
+        self.backend = backend
+        self.routes = routes
+        # Literal paths match case-insensitively and with or without a trailing slash, as on the Functions host.
+        self._by_path = {route.path.lower(): route for route in routes}
+
+    def route_for(self, path: str) -> Route | None:
+        return self._by_path.get(path.strip("/").lower())
+
+    def handle(self, request: Request) -> HttpReply:
+        """Route a request: 404 for an unknown path, 405 (with Allow) for a method the route does not take."""
+        route = self.route_for(request.path)
+        if route is None:
+            return text(404, "not found")
+        if request.method.upper() not in route.methods:
+            allowed = ", ".join(route.methods)
+            return HttpReply(405, f"{route.path} takes {allowed}\n".encode(), CONTENT_TEXT, {"Allow": allowed})
+        return self.call(route, request)
+
+    def call(self, route: Route, request: Request) -> HttpReply:
+        return route.handler(self.backend, request)

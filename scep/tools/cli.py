@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=logs.LEVELS, help="default: SCEP_LOG_LEVEL, else warning")
     commands = parser.add_subparsers(title="commands")
 
-    serve = commands.add_parser("serve", help="run the server on this machine (same functions as `func start`)")
+    serve = commands.add_parser(
+        "serve", help="run the server on this machine (gunicorn; same request handling as `func start`)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPUs)")
@@ -141,13 +143,14 @@ def _ca_options(args) -> CaOptions:
 
 def _serve(args) -> int:
     from scep.core import maintenance
-    from scep.http import localhost
-    from scep.http.functions import run_maintenance
+    from scep.http.serving import ScepServer
 
     if args.data_dir:
         os.environ["SCEP_DATA_DIR"] = args.data_dir
     if args.log_level:
-        os.environ["SCEP_LOG_LEVEL"] = args.log_level  # function_app.py sets the product's level from it
+        os.environ["SCEP_LOG_LEVEL"] = args.log_level  # the workers set the product's level from it
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
     generated = _ensure_challenge()
     settings = config.load_settings()
     home = config.build_key_home(settings)
@@ -157,21 +160,20 @@ def _serve(args) -> int:
     if isinstance(store, SqliteStore):
         store.release_abandoned_leases()  # no worker runs yet: whatever is PROCESSING was cut off by a crash
     keys = home.keys()
-    maintenance.report_expiry(keys)
-    app, prefix = localhost.load_function_app(app_dir=_app_dir())
-    server = localhost.LocalFunctionsServer(
-        app,
-        prefix,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        max_body_bytes=settings.integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024),
-        background=run_maintenance,  # what the Functions host runs from the daily timer; here at start, then daily
-    )
-    _print_banner(server.url, settings, keys.ca.certificate, created, generated, args.workers)
-    print(f"Ready: {server.url}", flush=True)
-    server.serve_forever()
+    maintenance.report_expiry(keys)  # once, here: the forked workers inherit what was reported
+
+    def ready(url: str) -> None:
+        _print_banner(url, settings, keys.ca.certificate, created, generated, args.workers)
+        print(f"Ready: {url}", flush=True)
+
+    level = config.log_level(settings) or "warning"
+    options = {"bind": _bind_address(args.host, args.port), "workers": args.workers, "loglevel": level}
+    ScepServer(options, ready).run()  # returns on SIGTERM/SIGINT, after the workers stopped
     return 0
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _ensure_challenge() -> str | None:
@@ -185,18 +187,11 @@ def _ensure_challenge() -> str | None:
     return challenge
 
 
-def _app_dir() -> Path:
-    for candidate in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        if (candidate / "function_app.py").exists() and (candidate / "host.json").exists():
-            return candidate
-    raise config.ConfigError("function_app.py and host.json not found: run `scep serve` from the project folder")
-
-
 def _print_banner(
     url: str, settings: config.Settings, ca: x509.Certificate, created: bool, generated: str | None, workers: int
 ) -> None:
     scep_url = f"{url}/api/scep"
-    where = settings.get("KEY_VAULT_URL") or str(settings.data_dir.resolve())
+    where = settings.key_vault.url if settings.key_vault else str(settings.data_dir.resolve())
     lines = [
         f"scep-intune-ca {__version__}: {workers} worker(s)",
         f"CA:          {ca.subject.rfc4514_string()} ({'created now' if created else 'existing'}, keys in {where})",
