@@ -71,6 +71,9 @@ param logRetentionDays int = 30
 @description('Send the Key Vault audit log (every key operation) to Log Analytics.')
 param vaultAuditLog bool = true
 
+@description('Email address that receives the alerts (CA/RA expiring, Intune failing, Key Vault throttling, HTTP 5xx). Empty: no action group; the alerts still fire and show in the portal.')
+param alertEmail string = ''
+
 @description('SCEP_TABLE_PREFIX: inventory tables are <prefix>Transactions and <prefix>Certificates. Letters and digits, starting with a letter.')
 @minLength(1)
 @maxLength(40)
@@ -171,6 +174,17 @@ module monitoring 'modules/monitoring.bicep' = {
     tags: tags
     retentionInDays: logRetentionDays
     identityPrincipalId: identity.properties.principalId
+  }
+}
+
+module observability 'modules/observability.bicep' = {
+  name: 'observability'
+  params: {
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    resourceToken: resourceToken
+    location: location
+    tags: tags
+    alertEmail: alertEmail
   }
 }
 

@@ -18,3 +18,4 @@ param alwaysReadyInstances = int(readEnvironmentVariable('SCEP_ALWAYS_READY_INST
 param maximumInstanceCount = int(readEnvironmentVariable('SCEP_MAXIMUM_INSTANCE_COUNT', '100'))
 param staticChallenge = readEnvironmentVariable('SCEP_STATIC_CHALLENGE', '')
 param httpsOnly = bool(readEnvironmentVariable('SCEP_HTTPS_ONLY', 'true'))
+param alertEmail = readEnvironmentVariable('SCEP_ALERT_EMAIL', '')

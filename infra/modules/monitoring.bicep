@@ -65,4 +65,5 @@ resource identityRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-0
 
 output workspaceId string = workspace.id
 output applicationInsightsName string = applicationInsights.name
+output applicationInsightsId string = applicationInsights.id
 output connectionString string = applicationInsights.properties.ConnectionString

@@ -573,6 +573,111 @@ def test_hooks_use_the_identity_azd_deployed_with() -> None:
         assert "intune grant" in script
 
 
+# ---------------------------------------------------------------------------------------------------- monitoring
+
+# The app's OpenTelemetry instruments, as they appear in customMetrics.name.
+METRICS = {
+    "scep.enrollments",
+    "scep.keyvault.duration",
+    "scep.keyvault.throttled",
+    "scep.keyvault.retries",
+    "scep.intune.duration",
+    "scep.intune.failures",
+    "scep.ca.days_to_expiry",
+    "scep.ra.days_to_expiry",
+}
+METRIC_NAME = re.compile(r'"(scep\.[a-z_.]+)"')
+
+
+def observability() -> dict[str, Any]:
+    return module("observability.bicep")
+
+
+def workbook_queries() -> dict[str, str]:
+    content = json.loads((INFRA / "workbook.json").read_text())
+    return {item["name"]: item["content"]["query"] for item in content["items"] if item["type"] == 3}
+
+
+def alert_definitions() -> dict[str, dict[str, Any]]:
+    doc = observability()
+    return {alert["key"]: alert for alert in doc["variables"]["alerts"]["value"]}
+
+
+def test_the_workbook_opens_on_the_app_insights_component() -> None:
+    doc = observability()
+    workbook = single(doc, "Microsoft.Insights/workbooks")
+    assert workbook["kind"] == "shared"
+    properties = workbook["properties"]
+    assert properties["sourceId"] == "applicationInsightsId" and properties["category"] == "workbook"
+    content = properties["serializedData"]["function"]["parameters"]["value_to_convert"]["function"]["parameters"]
+    assert content["arg_1"]["function"]["parameters"]["file_path"] == "../workbook.json"
+    assert content["arg_2"] == {"fallbackResourceIds": ["applicationInsightsId"]}
+    main = parsed(INFRA / "main.bicep")
+    wired = main["modules"]["observability"]["config"]["params"]["applicationInsightsId"]
+    assert wired["operator"]["operands"]["operand_1"] == "monitoring"
+    outputs = module("monitoring.bicep")["outputs"]
+    assert outputs["applicationInsightsId"]["value"] == {
+        "operator": {"type": "property_accessor", "operands": {"operand_1": "applicationInsights", "operand_2": "id"}}
+    }
+
+
+def test_the_workbook_charts_every_metric_and_the_server_errors() -> None:
+    queries = workbook_queries()
+    named = {name for query in queries.values() for name in METRIC_NAME.findall(query)}
+    assert named == METRICS, "exactly the app's instruments, spelled as the app emits them"
+    assert {"outcome", "fail_info", "operation", "call", "code"} <= {
+        dimension for query in queries.values() for dimension in re.findall(r'customDimensions\["(\w+)"\]', query)
+    }
+    assert any(query.startswith("requests") and "resultCode" in query for query in queries.values())
+    content = json.loads((INFRA / "workbook.json").read_text())
+    assert content["version"] == "Notebook/1.0"
+
+
+def test_each_alert_watches_what_it_says() -> None:
+    alerts = alert_definitions()
+    assert set(alerts) == {"expiry", "intune", "throttling", "server-errors"}
+    expiry = alerts["expiry"]
+    assert set(METRIC_NAME.findall(expiry["query"])) == {"scep.ca.days_to_expiry", "scep.ra.days_to_expiry"}
+    assert (expiry["operator"], expiry["threshold"], expiry["aggregation"]) == (
+        "LessThanOrEqual", "expiryAlertDays", "Minimum"
+    )
+    assert param_default(observability(), "expiryAlertDays") == 30
+    assert METRIC_NAME.findall(alerts["intune"]["query"]) == ["scep.intune.failures"]
+    assert METRIC_NAME.findall(alerts["throttling"]["query"]) == ["scep.keyvault.throttled"]
+    assert alerts["server-errors"]["query"].startswith("requests") and "500 .. 599" in alerts["server-errors"]["query"]
+    for key, alert in alerts.items():
+        assert alert["measure"] in alert["query"], key
+        if alert["dimension"]:
+            assert f"by {alert['dimension']}" in alert["query"], key
+        assert key not in ("intune", "throttling", "server-errors") or (alert["operator"], alert["threshold"]) == (
+            "GreaterThan", 0
+        ), key
+
+
+def test_alert_rules_query_the_component_and_notify_only_when_an_email_is_given() -> None:
+    doc = observability()
+    rules = resources_of_type(doc, "Microsoft.Insights/scheduledQueryRules")
+    (rule,) = rules.values()
+    assert rule["config"]["loop_type"]["detail"]["array_name"] == "alerts"
+    body = resource_body(rule)
+    assert body["kind"] == "LogAlert"
+    assert body["properties"]["scopes"] == ["applicationInsightsId"]
+    assert body["properties"]["actions"] == "alertActions"
+    chosen = doc["variables"]["alertActions"]["value"]["actionGroups"]["operator"]["operands"]
+    assert chosen["condition"]["function"] == {"type": "empty", "parameters": {"item_to_test": "alertEmail"}}
+    assert chosen["true_value"] == []
+    assert chosen["false_value"][0]["operator"]["operands"]["operand_1"] == "actionGroup"
+    group = resources_of_type(doc, "Microsoft.Insights/actionGroups")["actionGroup"]
+    assert group["config"]["condition"]["operator"]["operands"]["bool_value"]["function"]["parameters"] == {
+        "item_to_test": "alertEmail"
+    }
+    (receiver,) = resource_body(group)["properties"]["emailReceivers"]
+    assert receiver["emailAddress"] == "alertEmail"
+    main = parsed(INFRA / "main.bicep")
+    assert param_default(main, "alertEmail") == ""
+    assert main["modules"]["observability"]["config"]["params"]["alertEmail"] == "alertEmail"
+
+
 # ---------------------------------------------------------------------------------------------------- settings
 
 
