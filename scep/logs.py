@@ -100,8 +100,12 @@ def _indented(text: str) -> str:
     return "\n".join(_TRACEBACK_INDENT + escape(line) for line in text.splitlines())
 
 
+# gunicorn's error log (`scep serve`) writes client-sent request lines and headers into its debug records.
+CLEANED_LOGGERS = (PRODUCT_LOGGER, "gunicorn")
+
+
 def _is_product(name: str) -> bool:
-    return name == PRODUCT_LOGGER or name.startswith(PRODUCT_LOGGER + ".")
+    return any(name == root or name.startswith(root + ".") for root in CLEANED_LOGGERS)
 
 
 def install(level: str | None = None) -> None:

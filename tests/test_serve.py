@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from scep.logs import MAX_MESSAGE_CHARS
 from tests.conftest import CHALLENGE
 from tests.serverproc import ScepServer
 
@@ -140,3 +141,14 @@ def test_sigkill_of_the_process_group_leaves_no_worker():
         wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the workers gone")
     finally:
         server.close()
+
+
+def test_gunicorn_records_of_client_text_are_cleaned_and_bounded():
+    # gunicorn logs a refused header name as it came (repr), at WARNING: scep.logs bounds it like its own records
+    with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=1) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            raw.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"N" * 6000 + b"\x1b: 1\r\n\r\n")
+            assert raw.recv(100).startswith(b"HTTP/1.1 400")
+        line = wait_for(lambda: next((entry for entry in server.stderr.splitlines() if "NNNN" in entry), None),
+                        "gunicorn's record of the request")
+    assert "\x1b" not in line and len(line) < MAX_MESSAGE_CHARS + 200
