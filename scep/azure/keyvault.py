@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from scep.azure.errors import describe, first_line, translated
 from scep.keys import (
     CaKeys,
     CustodyError,
@@ -97,18 +98,12 @@ T = TypeVar("T")
 
 def _vault_call(what: str, call: Callable[[], T]) -> T:
     """Run one Key Vault call; whatever still fails after the SDK's retries becomes a CustodyError."""
-    from azure.core.exceptions import AzureError
-
-    try:
+    with translated(lambda detail: CustodyError(f"Key Vault {what} failed ({detail})")):
         return call()
-    except (AzureError, ValueError) as error:  # the SDK raises ValueError for a challenge it rejects
-        raise _custody_error(what, error) from error
 
 
 def _custody_error(what: str, error: Exception) -> CustodyError:
-    status = getattr(error, "status_code", None)
-    detail = f"HTTP {status}" if status else type(error).__name__
-    return CustodyError(f"Key Vault {what} failed ({detail}): {_first_line(error)}")
+    return CustodyError(f"Key Vault {what} failed ({describe(error)})")
 
 
 def _inner_error_code(error: Any) -> str:
@@ -129,11 +124,6 @@ def _retry_after(error: Any) -> float | None:
 def _backoff(attempt: int) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(max, first * 2^attempt)]."""
     return random.uniform(0.0, min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2**attempt))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _public_jwk(key_id: str, certificate: x509.Certificate) -> dict[str, Any]:
@@ -285,7 +275,7 @@ class KeyVaultKeyHandle:
             left = deadline - time.monotonic() - LAST_ATTEMPT_SECONDS
             if left <= 0:
                 raise _custody_error(f"{what} ({attempt + 1} attempts)", failure) from failure
-            log.debug("Key Vault %s: attempt %d failed (%s), retrying", what, attempt + 1, _first_line(failure))
+            log.debug("Key Vault %s: attempt %d failed (%s), retrying", what, attempt + 1, first_line(failure))
             time.sleep(min(left, _backoff(attempt) if delay is None else delay))
             attempt += 1
 

@@ -16,15 +16,14 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential, TokenCredential
 from azure.core.exceptions import (
-    AzureError,
     HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
@@ -32,6 +31,7 @@ from azure.core.exceptions import (
 )
 from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
+from scep.azure.errors import translated
 from scep.store import (
     MAX_REASON_CHARS,
     CertStatus,
@@ -285,17 +285,8 @@ def _create_table(service: TableServiceClient, name: str) -> None:
             raise
 
 
-@contextmanager
-def _azure_errors(action: str) -> Iterator[None]:
-    try:
-        yield
-    except AzureError as error:
-        raise StoreError(f"{action} failed: {_first_line(error)}") from error
-
-
-def _first_line(error: AzureError) -> str:
-    text = str(error.message if getattr(error, "message", None) else error)
-    return text.splitlines()[0] if text else type(error).__name__
+def _azure_errors(action: str) -> AbstractContextManager[None]:
+    return translated(lambda detail: StoreError(f"{action} failed ({detail})"))
 
 
 def _now() -> datetime:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scep.appsettings import is_key_vault_reference
+from scep.azure.errors import translated
 from scep.keys import CustodyError
 
 DEFAULT_MAX_AGE_SECONDS = 300.0
@@ -80,14 +81,8 @@ class SecretReader:
 
     def refresh(self, name: str) -> str:
         """Read the latest version now (after the secret was refused somewhere) and cache it."""
-        from azure.core.exceptions import AzureError
-
-        try:
+        with translated(lambda detail: SecretError(f"Key Vault secret '{name}' could not be read ({detail})")):
             secret = self._secrets().get_secret(name)
-        except (AzureError, ValueError) as error:  # ValueError: the SDK rejected the vault's challenge
-            status = getattr(error, "status_code", None)
-            detail = f"HTTP {status}" if status else type(error).__name__
-            raise SecretError(f"Key Vault secret '{name}' could not be read ({detail})") from error
         if not secret.value:
             raise SecretError(f"Key Vault secret '{name}' is empty")
         if is_key_vault_reference(secret.value):

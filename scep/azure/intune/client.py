@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 
 import requests
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import AzureError
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from scep import PRODUCT, __version__
+from scep.azure.errors import first_line, translated
 
 logger = logging.getLogger("scep.azure.intune")
 
@@ -306,10 +306,8 @@ class IntuneClient:
 
     def token(self, scope: str) -> str:
         """A bearer token for scope (azure-identity caches it until shortly before it expires)."""
-        try:
+        with translated(lambda detail: IntuneAuthenticationError(scope, detail)):
             return self.credential.get_token(scope).token
-        except AzureError as error:
-            raise IntuneAuthenticationError(scope, _first_line(str(error))) from error
 
     # Service discovery
 
@@ -531,7 +529,7 @@ def _may_retry(error: IntuneError, retry: RetryPolicy) -> bool:
 def _connection_error(url: str, error: requests.RequestException) -> IntuneConnectionError:
     timed_out = isinstance(error, requests.Timeout)
     never_sent = isinstance(error, requests.ConnectTimeout) or _is_connect_failure(error)
-    detail = _first_line(str(error)) or type(error).__name__
+    detail = first_line(error)
     return IntuneConnectionError(url, detail, timed_out=timed_out, never_sent=never_sent)
 
 
@@ -572,7 +570,3 @@ def _result(activity_id: str, reply: dict[str, Any], path: str) -> IntuneResult:
 def _excerpt(response: requests.Response) -> str:
     text = (response.text or "").strip().replace("\n", " ")
     return text[:200]
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0][:300] if text.strip() else ""

@@ -17,6 +17,7 @@ from typing import Any
 import requests
 from azure.core.credentials import TokenCredential
 
+from scep.azure.errors import translated
 from scep.azure.intune.client import GRAPH_ROLE, INTUNE_API_APP_ID, SCEP_ROLE
 
 MICROSOFT_GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
@@ -46,7 +47,8 @@ class GraphApi:
         self._session = session or requests.Session()
 
     def call(self, method: str, path: str, body: dict[str, str] | None = None) -> dict[str, Any]:
-        token = self._credential.get_token(f"{self._base}/.default").token
+        with translated(lambda detail: GrantError(f"no token for Microsoft Graph ({detail})")):
+            token = self._credential.get_token(f"{self._base}/.default").token
         response = self._session.request(
             method, f"{self._base}/v1.0/{path}", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
         )
