@@ -822,6 +822,25 @@ def cert_rep_attributes(
     return attributes
 
 
+def cert_rep(
+    signer: KeyHandle,
+    digest_name: str,
+    status: PkiStatus,
+    transaction_id: str,
+    recipient_nonce: bytes,
+    content: bytes = b"",
+    fail_info: FailInfo | None = None,
+    fail_info_text: str | None = None,
+) -> bytes:
+    """A CertRep signed by signer (the RA): content is the sealed certs-only envelope of a SUCCESS.
+
+    A PENDING or FAILURE carries an empty eContent rather than none: OpenSSL's PKCS7_verify (certmonger)
+    refuses a detached CertRep.
+    """
+    attributes = cert_rep_attributes(status, transaction_id, recipient_nonce, fail_info, fail_info_text)
+    return sign_message(signer, digest_name, attributes, content)
+
+
 def issuer_and_serial_der(certificate: x509.Certificate) -> bytes:
     """IssuerAndSerialNumber of a certificate (the issuer Name exactly as the certificate encodes it)."""
     return der.sequence(certificate.issuer.public_bytes(), der.integer(certificate.serial_number))

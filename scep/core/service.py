@@ -103,7 +103,7 @@ class ScepService:
         except msg.MessageError as error:
             if error.attributes is None:
                 raise msg.MalformedMessage(error.reason) from None
-            return self._failure(
+            return self._signed_failure(
                 keys,
                 error.attributes.transaction_id,
                 error.attributes.sender_nonce,
@@ -116,16 +116,16 @@ class ScepService:
         try:
             return self._dispatch(keys, request)
         except msg.MessageError as error:
-            return self._fail(keys, request, error.fail_info, error.reason)
+            return self._refuse(keys, request, error.fail_info, error.reason)
         except CustodyError as error:
             log.error("transaction %s: key custody failed: %s", request.transaction_id, error)
-            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the CA is temporarily unavailable; retry later")
+            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "the CA is temporarily unavailable; retry later")
         except StoreError as error:
             log.error("transaction %s: store failed: %s", request.transaction_id, error)
-            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the CA is temporarily unavailable; retry later")
+            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "the CA is temporarily unavailable; retry later")
         except Exception:  # never a 500 for a readable request: log the bug, answer a signed FAILURE
             log.exception("transaction %s: unexpected error", request.transaction_id)
-            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the request could not be processed")
+            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "the request could not be processed")
 
     def _dispatch(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
         kind = request.message_type
@@ -136,8 +136,8 @@ class ScepService:
         if kind == MessageType.GET_CERT:
             return self._get_cert(keys, request)
         if kind == MessageType.GET_CRL:
-            return self._fail(keys, request, FailInfo.BAD_REQUEST, "this CA publishes no CRL")
-        return self._fail(keys, request, FailInfo.BAD_REQUEST, f"unsupported messageType {kind}")
+            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "this CA publishes no CRL")
+        return self._refuse(keys, request, FailInfo.BAD_REQUEST, f"unsupported messageType {kind}")
 
     def _enroll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
         envelope = self._envelope(keys, request)
@@ -166,7 +166,7 @@ class ScepService:
         if claim.outcome is ClaimOutcome.BUSY:
             return self._pending(keys, request)
         if claim.outcome is ClaimOutcome.KEY_MISMATCH:
-            return self._fail(keys, request, FailInfo.BAD_REQUEST, "this transactionID belongs to another key")
+            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "this transactionID belongs to another key")
         return self._issue(keys, request, envelope, enrollment, claim)
 
     def _issue(
@@ -180,14 +180,14 @@ class ScepService:
         verdict = self._validate(enrollment)
         if not verdict.accepted:
             self.store.record_failed(claim, int(verdict.fail_info), verdict.reason)
-            return self._fail(keys, request, verdict.fail_info, verdict.reason or "the request was not authorised")
+            return self._refuse(keys, request, verdict.fail_info, verdict.reason or "the request was not authorised")
         validator = verdict.validator or self.validator
         try:
             issued = self._sign_and_record(keys, enrollment, claim, validator.requires_notification)
         except PolicyError as error:
             validator.notify_failure(enrollment, HResult.CERTSRV_E_UNSUPPORTED_CERT_TYPE, error.reason)
             self.store.record_failed(claim, int(error.fail_info), error.reason)
-            return self._fail(keys, request, error.fail_info, error.reason)
+            return self._refuse(keys, request, error.fail_info, error.reason)
         except (CustodyError, StoreError) as error:
             validator.notify_failure(enrollment, HResult.E_FAIL, "the CA could not issue the certificate")
             self._record_failed_quietly(claim, str(error))
@@ -202,7 +202,7 @@ class ScepService:
                 issued.serial_number,
                 error,
             )
-            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the issuance could not be confirmed; retry")
+            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "the issuance could not be confirmed; retry")
         if validator.requires_notification:
             self.store.mark_delivered(issued.serial_number)
         log.info(
@@ -260,7 +260,7 @@ class ScepService:
         if record.status is CertStatus.CONFIRMING and not self._confirmation_abandoned(record):
             return self._pending(keys, request)  # the validator is still being told: the client polls
         if record.status is not CertStatus.ISSUED:
-            return self._fail(keys, request, FailInfo.BAD_REQUEST, "the certificate of this transaction was withheld")
+            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "the certificate of this transaction was withheld")
         log.info("transaction %s retransmitted: same certificate %x", request.transaction_id, record.serial)
         return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
 
@@ -280,7 +280,7 @@ class ScepService:
                 return self._pending(keys, request)
             if record.status is CertStatus.ISSUED:
                 return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
-        return self._fail(keys, request, FailInfo.BAD_CERT_ID, "no certificate was issued for this transaction")
+        return self._refuse(keys, request, FailInfo.BAD_CERT_ID, "no certificate was issued for this transaction")
 
     def _get_cert(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
         envelope = self._envelope(keys, request)
@@ -288,7 +288,7 @@ class ScepService:
         ours = {c.subject.public_bytes() for c in keys.trusted_issuers()}
         record = self.store.certificate_by_serial(serial) if issuer in ours else None
         if record is None or record.status is not CertStatus.ISSUED:
-            return self._fail(keys, request, FailInfo.BAD_CERT_ID, "no such certificate")
+            return self._refuse(keys, request, FailInfo.BAD_CERT_ID, "no such certificate")
         return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
 
     def _envelope(self, keys: CaKeys, request: msg.PkiMessage) -> msg.Envelope:
@@ -323,24 +323,32 @@ class ScepService:
     ) -> Reply:
         inner = msg.certs_only([certificate])
         sealed = msg.seal_envelope(inner, request.signer_certificate, envelope.cipher, envelope.transport)
-        attributes = msg.cert_rep_attributes(PkiStatus.SUCCESS, request.transaction_id, request.sender_nonce)
-        der = msg.sign_message(keys.ra, _reply_digest(request.digest_name), attributes, sealed)
+        der = msg.cert_rep(
+            keys.ra, _reply_digest(request.digest_name), PkiStatus.SUCCESS, request.transaction_id,
+            request.sender_nonce, sealed,
+        )
         return Reply(der, PkiStatus.SUCCESS, certificate=certificate)
 
     def _pending(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
-        attributes = msg.cert_rep_attributes(PkiStatus.PENDING, request.transaction_id, request.sender_nonce)
-        return Reply(msg.sign_message(keys.ra, _reply_digest(request.digest_name), attributes, b""), PkiStatus.PENDING)
+        digest = _reply_digest(request.digest_name)
+        der = msg.cert_rep(keys.ra, digest, PkiStatus.PENDING, request.transaction_id, request.sender_nonce)
+        return Reply(der, PkiStatus.PENDING)
 
-    def _fail(self, keys: CaKeys, request: msg.PkiMessage, fail_info: FailInfo, reason: str) -> Reply:
-        return self._failure(keys, request.transaction_id, request.sender_nonce, request.digest_name, fail_info, reason)
+    def _refuse(self, keys: CaKeys, request: msg.PkiMessage, fail_info: FailInfo, reason: str) -> Reply:
+        """A signed FAILURE answering a parsed request."""
+        return self._signed_failure(
+            keys, request.transaction_id, request.sender_nonce, request.digest_name, fail_info, reason
+        )
 
-    def _failure(
+    def _signed_failure(
         self, keys: CaKeys, transaction_id: str, nonce: bytes, digest_name: str, fail_info: FailInfo, reason: str
     ) -> Reply:
+        """A signed FAILURE from the fields it answers (also for a message readable only up to its attributes)."""
         log.info("transaction %s refused (failInfo %s): %s", transaction_id, fail_info.name, reason)
-        attributes = msg.cert_rep_attributes(PkiStatus.FAILURE, transaction_id, nonce, fail_info, reason)
-        # an empty eContent rather than none: OpenSSL's PKCS7_verify (certmonger) refuses a detached CertRep
-        der = msg.sign_message(keys.ra, _reply_digest(digest_name), attributes, b"")
+        der = msg.cert_rep(
+            keys.ra, _reply_digest(digest_name), PkiStatus.FAILURE, transaction_id, nonce,
+            fail_info=fail_info, fail_info_text=reason,
+        )
         return Reply(der, PkiStatus.FAILURE, fail_info)
 
 
