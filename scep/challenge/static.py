@@ -9,6 +9,7 @@ so devices given a rotated challenge succeed at once while wrong guesses cannot 
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,9 @@ from cryptography import x509
 from scep.appsettings import is_key_vault_reference
 from scep.challenge import EnrollmentRequest, Verdict
 from scep.core.protocol import FailInfo
+from scep.keys import CustodyError
+
+log = logging.getLogger(__name__)
 
 REREAD_INTERVAL_SECONDS = 30.0
 
@@ -61,9 +65,17 @@ class StaticValidator:
             return False
         if isinstance(self._secret, str):
             return _equal(challenge, self._secret)
-        if _equal(challenge, self._secret.current()):
-            return True
-        fresh = self._reread(self._secret)
+        try:
+            if _equal(challenge, self._secret.current()):
+                return True
+            fresh = self._reread(self._secret)
+        except CustodyError as error:  # a Key Vault secret source raises SecretError, a CustodyError
+            if getattr(error.__cause__, "status_code", None) != 404:
+                raise  # vault trouble: the service answers FAILURE and logs it
+            log.error(
+                "no static challenge is accepted: %s (not found); `scep challenge init` creates it", error
+            )
+            return False
         return fresh is not None and _equal(challenge, fresh)
 
     def _reread(self, source: ChallengeSource) -> str | None:

@@ -16,6 +16,7 @@ from scep.core.ca import CaOptions, LifecycleError
 from scep.core.issuer import fingerprint
 from scep.keys import CustodyError, KeySpec, Slot
 from scep.store.sqlite import SqliteStore
+from scep.tools.challenge import add_challenge_parser
 
 DEFAULT_PORT = 7071
 
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     enroll.set_defaults(run=_enroll)
 
     _ca_parser(commands)
+    add_challenge_parser(commands)
 
     doctor = commands.add_parser("doctor", help="check the settings and every backend, say what to fix")
     doctor.set_defaults(run=_doctor)
