@@ -18,6 +18,7 @@ import pytest
 
 from scep.logs import MAX_MESSAGE_CHARS
 from tests.conftest import CHALLENGE
+from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
 from tests.serverproc import ScepServer
 
 FIVE_MIB = 5 * 1024 * 1024
@@ -152,3 +153,16 @@ def test_gunicorn_records_of_client_text_are_cleaned_and_bounded():
         line = wait_for(lambda: next((entry for entry in server.stderr.splitlines() if "NNNN" in entry), None),
                         "gunicorn's record of the request")
     assert "\x1b" not in line and len(line) < MAX_MESSAGE_CHARS + 200
+
+
+@pytest.mark.skipif(shutil.which("pki") is None, reason="strongSwan's pki is not installed")
+def test_strongswan_reads_the_413_of_a_request_over_the_limit(tmp_path):
+    with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE, "SCEP_MAX_MESSAGE_BYTES": "4096"}, workers=1) as server:
+        assert fetch_ca_certificates("pki", server, tmp_path).succeeded
+        generate_key("pki", tmp_path / "key.pem")
+        # forty long DNS names make the PKCSReq larger than 4096 bytes
+        names = [f"host-{index:03d}.a-rather-long-domain-name.example.com" for index in range(40)]
+        sans = [argument for name in names for argument in ("--san", name)]
+        result = enrol("pki", server, (tmp_path / "ca.pem", tmp_path / "ra.pem"), tmp_path,
+                       "--in", tmp_path / "key.pem", "--dn", "CN=too-big", "--password", CHALLENGE, *sans)
+    assert not result.succeeded and "HTTP 413" in result.stderr, result.describe()
