@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import pytest
 import requests
-from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -25,6 +24,7 @@ from scep.azure.identity import build_credential, needs_instance_discovery_disab
 from scep.azure.intune import SecretSource
 from scep.azure.keyvault import KeyVaultHome
 from scep.azure.vault_secrets import SecretError, SecretReader
+from scep.core.issuer import sign_certificate
 from scep.keys import (
     CustodyError,
     KeyHandle,
@@ -103,15 +103,6 @@ def make_home(vault: KeyVaultEmulator, ca_name: str | None = None, **kwargs: obj
     )
 
 
-# Certificates signed through a KeyHandle: build the TBS with a stand-in key of the same type, then sign
-# its digest through custody and reassemble the certificate.
-
-_STAND_IN = {
-    "RSA": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-    "EC": ec.generate_private_key(ec.SECP256R1()),
-}
-
-
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
@@ -123,8 +114,8 @@ def certificate_signed_by(
     issuer: x509.Certificate | None,
     ca: bool,
 ) -> x509.Certificate:
+    """A certificate signed through a KeyHandle, as the product signs them (issuer.sign_certificate)."""
     signer_public = signer.certificate.public_key()
-    kind = "RSA" if isinstance(signer_public, rsa.RSAPublicKey) else "EC"
     now = datetime.datetime.now(datetime.timezone.utc)
     issuer_public = signer_public if issuer is None else issuer.public_key()
     usage = dict.fromkeys(
@@ -155,17 +146,7 @@ def certificate_signed_by(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public), critical=False)  # type: ignore[arg-type]
     )
-    draft = builder.sign(_STAND_IN[kind], hashes.SHA256())
-    signature = signer.sign_digest(hashlib.sha256(draft.tbs_certificate_bytes).digest(), "sha256")
-    parsed = asn1_x509.Certificate.load(draft.public_bytes(serialization.Encoding.DER))
-    assembled = asn1_x509.Certificate(
-        {
-            "tbs_certificate": parsed["tbs_certificate"],
-            "signature_algorithm": parsed["signature_algorithm"],
-            "signature_value": signature,
-        }
-    )
-    return x509.load_der_x509_certificate(assembled.dump())
+    return sign_certificate(builder, signer)
 
 
 def public_key_of(csr_der: bytes) -> object:

@@ -12,6 +12,7 @@ from datetime import datetime
 from functools import lru_cache
 
 from asn1crypto import algos, core
+from asn1crypto import parser as asn1_parser
 
 SEQUENCE = 0x30
 SET = 0x31
@@ -89,3 +90,20 @@ def digest_algorithm(name: str) -> bytes:
 def attribute(attribute_oid: str, value: bytes) -> bytes:
     """A CMS Attribute with one (already encoded) value."""
     return sequence(oid(attribute_oid), tlv(SET, value))
+
+
+def contents(element: bytes) -> bytes:
+    """The content octets of one encoded element (what follows its tag and length)."""
+    return asn1_parser.parse(element)[4]
+
+
+def elements(content: bytes) -> list[bytes]:
+    """The encoded elements (tag, length and content each) that follow one another in content."""
+    found = []
+    offset = 0
+    while offset < len(content):
+        _, _, _, header, body, trailer = asn1_parser.parse(content[offset:])
+        size = len(header) + len(body) + len(trailer)
+        found.append(content[offset : offset + size])
+        offset += size
+    return found

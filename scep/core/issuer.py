@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
+from scep.core import der
 from scep.core.protocol import FailInfo
 from scep.keys import KeyHandle, SignaturePadding
 
@@ -186,44 +187,15 @@ def sign_certificate(builder: x509.CertificateBuilder, signer: KeyHandle, signer
     tbs = _replace_tbs_signature_algorithm(draft.tbs_certificate_bytes, algorithm_der)
     digest = hashlib.new(hash_name, tbs).digest()
     signature = signer.sign_digest(digest, hash_name, SignaturePadding.PKCS1V15)
-    bit_string = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
-    return x509.load_der_x509_certificate(_der_sequence(tbs + algorithm_der + bit_string))
+    return x509.load_der_x509_certificate(der.sequence(tbs, algorithm_der, der.bit_string(signature)))
 
 
 def _replace_tbs_signature_algorithm(tbs: bytes, algorithm_der: bytes) -> bytes:
     """Swap the `signature` AlgorithmIdentifier of a DER TBSCertificate (after version and serialNumber)."""
-    offset = _header_length(tbs, 0)
-    fields = []
-    while offset < len(tbs):
-        end = offset + _header_length(tbs, offset) + _content_length(tbs, offset)
-        fields.append(tbs[offset:end])
-        offset = end
+    fields = der.elements(der.contents(tbs))
     index = 2 if fields[0][0] == 0xA0 else 1
     fields[index] = algorithm_der
-    return _der_sequence(b"".join(fields))
-
-
-def _header_length(der: bytes, offset: int) -> int:
-    first = der[offset + 1]
-    return 2 if first < 0x80 else 2 + (first & 0x7F)
-
-
-def _content_length(der: bytes, offset: int) -> int:
-    first = der[offset + 1]
-    if first < 0x80:
-        return first
-    return int.from_bytes(der[offset + 2 : offset + 2 + (first & 0x7F)], "big")
-
-
-def _der_length(length: int) -> bytes:
-    if length < 0x80:
-        return bytes([length])
-    encoded = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(encoded)]) + encoded
-
-
-def _der_sequence(content: bytes) -> bytes:
-    return b"\x30" + _der_length(len(content)) + content
+    return der.sequence(*fields)
 
 
 def is_ca_certificate(certificate: x509.Certificate) -> bool:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        level = args.log_level or config.log_level(config.Settings(dict(os.environ))) or "warning"
+        level = args.log_level or config.load_settings(for_serving=False).log_level or "warning"
     except config.ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     enroll = commands.add_parser("enroll", help="enrol (or renew) a test device against any SCEP server")
     enroll.add_argument("--url", required=True, help="SCEP URL, e.g. http://127.0.0.1:7071/api/scep")
-    enroll.add_argument("--challenge", default=os.environ.get("SCEP_CHALLENGE"))
+    enroll.add_argument("--challenge", help="challenge password (default: SCEP_CHALLENGE)")
     enroll.add_argument("--cn", required=True, help="subject common name")
     enroll.add_argument("--dns", action="append", default=[], help="DNS subjectAltName (repeatable)")
     enroll.add_argument("--out", required=True, help="file prefix: writes PREFIX.key and PREFIX.pem")
@@ -228,7 +228,7 @@ def _enroll(args) -> int:
     if args.renew:
         old_key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         renew_with = (old_key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
-    challenge = None if args.renew and not args.challenge else args.challenge
+    challenge = args.challenge or config.load_settings(for_serving=False).challenge.static or None
     csr = scep_client.make_csr(key, args.cn, challenge, tuple(args.dns))
     enrollment = scep_client.new_enrollment(key, csr, renew_with)
     options = scep_client.RequestOptions(
@@ -265,8 +265,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _home():
-    settings = config.Settings(dict(os.environ))
-    return config.build_key_home(settings)
+    return config.build_key_home(config.load_settings(for_serving=False))
 
 
 def _ca_init(args) -> int:
@@ -356,7 +355,7 @@ def _doctor(args) -> int:
     from scep.tools.doctor import run_doctor
 
     ok = True
-    for line in run_doctor(dict(os.environ)):
+    for line in run_doctor():
         ok = ok and line.ok
         print(f"[{'ok' if line.ok else 'FAIL'}] {line.text}")
     return 0 if ok else 1
@@ -373,11 +372,11 @@ def _intune_check(args) -> int:
 
 
 def _intune_grant(args) -> int:
-    from scep.azure.identity import build_credential
     from scep.azure.intune.grant import GrantError, GraphApi, grant_intune_roles
 
     # Only the Graph URL and the credential matter here, not the app's other settings.
-    api = GraphApi(build_credential(), config.Settings(dict(os.environ)).get("INTUNE_GRAPH_URL"))
+    settings = config.load_settings(for_serving=False)
+    api = GraphApi(config.build_credential(settings), settings.intune.client.graph_url)
     try:
         lines = grant_intune_roles(
             api, principal_id=args.principal_id, client_id=args.client_id, wait_seconds=args.wait
