@@ -1,7 +1,9 @@
-"""The composition root: reads settings, fails with a message naming the wrong setting, builds the service once.
+"""The composition root: reads every setting once into one typed, immutable Settings object, fails with a
+message naming the wrong setting, and builds the service once.
 
 Every setting the product reads is listed in SETTINGS (the configuration reference in docs/configuration.md and
-the infrastructure checks are held to this list).
+the infrastructure checks are held to this list). This module is the only one that reads the environment; every
+other module receives the typed values it needs (tests/test_environment_scan.py holds the code to that).
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cryptography.x509 import ObjectIdentifier
 
@@ -26,11 +30,21 @@ from scep.keys import KeyHome, Slot
 from scep.logs import LEVELS
 from scep.store import Store
 
+if TYPE_CHECKING:
+    from scep.azure.intune import IntuneClient, SecretSource
+    from scep.azure.intune.client import IntuneSettings
+    from scep.azure.vault_clients import KeyVaultClients
+    from scep.challenge.webhook import WebhookHandler
+
 log = logging.getLogger("scep.config")
 
 
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message names it and says what is expected."""
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names it (`setting`) and says what is expected."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting} {message}")
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("AZURE_CLIENT_ID", "", "Client ID of the user-assigned managed identity.", azure=True),
     Setting("SCEP_AZURE_CREDENTIAL", "default", "Azure credential: default (DefaultAzureCredential) or azd."),
+    Setting("AZURE_AUTHORITY_HOST", "", "Entra authority of the Azure credential (sovereign clouds, emulators)."),
     Setting("INTUNE_TENANT_ID", "", "Entra tenant of the Intune service.", azure=True),
     Setting("INTUNE_CLIENT_ID", "", "App registration used for Intune (empty with managed-identity).", azure=True),
     Setting("INTUNE_AUTH", "secret", "secret, certificate, managed-identity or federated.", azure=True),
@@ -92,178 +107,425 @@ SETTINGS: tuple[Setting, ...] = (
 )
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-MODES = {"static", "intune"}
+_FALSE = {"0", "false", "no", "off"}
+_LIST_SEPARATORS = re.compile(r"[\s,]+")
+MODES = ("static", "intune")
+STORES = ("sqlite", "tables", "auto")
+CREDENTIALS = ("default", "azd")
+INTUNE_AUTH_MODES = ("secret", "certificate", "managed-identity", "federated")
 MIN_RSA_KEY_BITS_RANGE = (1024, 4096)  # Intune's SCEP profiles offer 1024, 2048 and 4096 bits
+
+
+# --- the typed settings, grouped by concern ---
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The certificate profile and the protocol's limits."""
+
+    data_dir: Path
+    options: ServiceOptions
+    max_message_bytes: int
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """The app's own Azure credential (Key Vault, Table storage, Microsoft Graph)."""
+
+    client_id: str | None  # a user-assigned managed identity
+    credential: str  # one of CREDENTIALS
+    authority_host: str | None
+
+
+@dataclass(frozen=True)
+class KeyVaultSettings:
+    url: str
+    ca_name: str
+    ra_name: str
+    refresh_seconds: float
+    verify_challenge_resource: bool
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    kind: str  # sqlite or tables (auto resolved)
+    tables_endpoint: str
+    connection_string: str = field(repr=False)
+    table_prefix: str
+
+
+@dataclass(frozen=True)
+class ChallengeSettings:
+    modes: frozenset[str]
+    static: str = field(repr=False)
+    static_secret_name: str
+
+
+@dataclass(frozen=True)
+class IntuneConfig:
+    """The Intune client's settings (IntuneSettings, none of them secret) and where its secrets come from."""
+
+    client: IntuneSettings
+    client_secret: str = field(repr=False)
+    client_secret_name: str
+    certificate_password: str | None = field(repr=False)
+    allow_renewal_without_challenge: bool
+    ca_configuration: str | None
+    certificate_authority: str | None
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    secrets: tuple[str, ...] = field(repr=False)
+    secret_name: str
+    ids: tuple[str, ...]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secrets or self.secret_name)
 
 
 @dataclass(frozen=True)
 class Settings:
-    values: Mapping[str, str]
+    """Every setting of the process, parsed and checked once by load_settings."""
 
-    def get(self, name: str) -> str:
-        value = self.values.get(name)
-        return value.strip() if value is not None and value.strip() else _DEFAULTS[name]
+    service: ServiceSettings
+    identity: IdentitySettings
+    key_vault: KeyVaultSettings | None  # None: local PEM custody
+    store: StoreSettings
+    challenge: ChallengeSettings
+    intune: IntuneConfig
+    webhooks: WebhookSettings
+    log_level: str | None  # None: the caller's default applies
+    ra_renew_days: int
+
+    @property
+    def data_dir(self) -> Path:
+        return self.service.data_dir
+
+    @property
+    def modes(self) -> frozenset[str]:
+        return self.challenge.modes
+
+    @property
+    def store_kind(self) -> str:
+        return self.store.kind
+
+    @property
+    def uses_key_vault(self) -> bool:
+        return self.key_vault is not None
+
+
+# --- one parser per kind of value ---
+
+
+class _Reader:
+    """Reads named settings from a mapping, each kind of value by one parser; errors name the setting."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def text(self, name: str) -> str:
+        value = (self._values.get(name) or "").strip()
+        return value or _DEFAULTS[name]
+
+    def optional(self, name: str) -> str | None:
+        return self.text(name) or None
 
     def flag(self, name: str) -> bool:
-        value = self.get(name).lower()
+        value = self.text(name).lower()
         if value in _TRUE:
             return True
         if value in _FALSE:
             return False
-        raise ConfigError(f"{name} must be true or false, not {value!r}")
+        raise ConfigError(name, f"must be true or false, not {value!r}")
 
-    def integer(self, name: str, low: int, high: int) -> int:
-        value = self.get(name)
+    def count(self, name: str, low: int, high: int) -> int:
+        return self._number(name, low, high, int, "a whole number")
+
+    def seconds(self, name: str, low: float, high: float) -> float:
+        return self._number(name, low, high, float, "a number of seconds")
+
+    def _number(self, name: str, low: float, high: float, parse: Callable[[str], Any], kind: str) -> Any:
+        value = self.text(name)
         try:
-            number = int(value)
+            number = parse(value)
         except ValueError:
-            raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+            raise ConfigError(name, f"must be {kind}, not {value!r}") from None
         if not low <= number <= high:
-            raise ConfigError(f"{name} must be between {low} and {high}, not {number}")
+            raise ConfigError(name, f"must be between {low:g} and {high:g}, not {value}")
         return number
 
-    @property
-    def modes(self) -> set[str]:
-        modes = {m.strip().lower() for m in self.get("SCEP_CHALLENGE_MODE").split(",") if m.strip()}
-        if not modes or not modes <= MODES:
-            raise ConfigError("SCEP_CHALLENGE_MODE must be static, intune or static,intune")
-        return modes
+    def url(self, name: str) -> str:
+        """An https:// URL, or empty when unset and without default."""
+        value = self.text(name)
+        if value and not value.lower().startswith("https://"):
+            raise ConfigError(name, f"must be an https:// URL, not {value!r}")
+        return value
 
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.get("SCEP_DATA_DIR")).expanduser()
+    def items(self, name: str) -> tuple[str, ...]:
+        """A list separated by commas or white space."""
+        return split_list(self.text(name))
 
-    @property
-    def uses_key_vault(self) -> bool:
-        return bool(self.get("KEY_VAULT_URL"))
-
-    @property
-    def store_kind(self) -> str:
-        kind = self.get("SCEP_STORE").lower()
-        if kind == "auto":
-            sources = ("SCEP_TABLES_ENDPOINT", "SCEP_TABLES_CONNECTION_STRING", "AzureWebJobsStorage__tableServiceUri")
-            tables = any(self.get(n) for n in sources)
-            return "tables" if tables else "sqlite"
-        if kind not in ("sqlite", "tables"):
-            raise ConfigError("SCEP_STORE must be sqlite, tables or auto")
-        return kind
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name).lower()
+        if value not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and check every setting; raises ConfigError naming the first wrong one."""
-    settings = Settings(dict(os.environ if environ is None else environ))
-    _refuse_unresolved_references(settings)
-    settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650)
-    settings.integer("SCEP_MIN_RSA_KEY_BITS", *MIN_RSA_KEY_BITS_RANGE)
-    settings.integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024)
-    settings.flag("SCEP_ALLOW_DES")
-    settings.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE")
-    settings.integer("KEY_VAULT_REFRESH_SECONDS", 1, 86400)
-    settings.integer("SCEP_KEY_BUDGET_SECONDS", 1, 120)
-    settings.integer("SCEP_RA_RENEW_DAYS", 1, 365)
-    log_level(settings)
-    if settings.uses_key_vault and not settings.get("KEY_VAULT_URL").startswith("https://"):
-        raise ConfigError("KEY_VAULT_URL must be an https:// URL, such as https://my-vault.vault.azure.net")
-    allowed_ekus(settings)
-    _check_azure_credential(settings)
-    modes = settings.modes
-    if "static" in modes:
-        _check_static_challenge(settings)
-    if "intune" in modes:
-        _check_intune_settings(settings)
-    if settings.store_kind == "tables":
-        _check_tables_settings(settings)
+def split_list(text: str) -> tuple[str, ...]:
+    """The items of a list setting (or of a secret holding one): separated by commas or white space."""
+    return tuple(item for item in _LIST_SEPARATORS.split(text.strip()) if item)
+
+
+# --- loading ---
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    for_serving: bool = True,
+) -> Settings:
+    """Read and check every setting from environ (default: the process environment), with overrides (e.g. from
+    the command line) taking precedence; raises ConfigError naming the first wrong one. for_serving also checks
+    that what serving needs is there (a challenge, Intune's tenant and secret, a table endpoint); the
+    administrative commands (`scep ca ...`) do without."""
+    unknown = sorted(set(overrides or ()) - set(_DEFAULTS))
+    if unknown:
+        raise ConfigError(unknown[0], "is not a setting")
+    values = {**(os.environ if environ is None else environ), **(overrides or {})}
+    _refuse_unresolved_references(values)
+    read = _Reader(values)
+    settings = Settings(
+        service=_service_settings(read),
+        identity=IdentitySettings(
+            client_id=read.optional("AZURE_CLIENT_ID"),
+            credential=read.choice("SCEP_AZURE_CREDENTIAL", CREDENTIALS),
+            authority_host=read.optional("AZURE_AUTHORITY_HOST"),
+        ),
+        key_vault=_key_vault_settings(read),
+        store=_store_settings(read),
+        challenge=_challenge_settings(read),
+        intune=_intune_config(read),
+        webhooks=WebhookSettings(
+            secrets=read.items("SCEP_WEBHOOK_SECRET"),
+            secret_name=read.text("SCEP_WEBHOOK_SECRET_NAME"),
+            ids=read.items("SCEP_WEBHOOK_IDS"),
+        ),
+        log_level=_log_level(read),
+        ra_renew_days=read.count("SCEP_RA_RENEW_DAYS", 1, 365),
+    )
+    if for_serving:
+        _check_serving(settings)
     return settings
 
 
-def _refuse_unresolved_references(settings: Settings) -> None:
+def _log_level(read: _Reader) -> str | None:
+    level = read.text("SCEP_LOG_LEVEL").lower()
+    if level and level not in LEVELS:
+        raise ConfigError("SCEP_LOG_LEVEL", f"must be one of {', '.join(LEVELS)}, not {level!r}")
+    return level or None
+
+
+def _refuse_unresolved_references(values: Mapping[str, str]) -> None:
     """App Service leaves `@Microsoft.KeyVault(...)` as the value of a reference it cannot resolve; that text
     is public, so it must never serve as a setting (least of all as a challenge)."""
-    from scep.azure.vault_secrets import is_key_vault_reference
+    from scep.appsettings import is_key_vault_reference
 
     for setting in SETTINGS:
-        if is_key_vault_reference(settings.values.get(setting.name) or ""):
+        if is_key_vault_reference(values.get(setting.name) or ""):
             raise ConfigError(
-                f"{setting.name} is an unresolved Key Vault reference (@Microsoft.KeyVault(...)): the platform "
-                "could not read the secret (missing, disabled, or the identity's role not yet in effect)"
+                setting.name,
+                "is an unresolved Key Vault reference (@Microsoft.KeyVault(...)): the platform could not read "
+                "the secret (missing, disabled, or the identity's role not yet in effect)",
             )
 
 
-def _check_azure_credential(settings: Settings) -> None:
-    from scep.azure.identity import credential_choice
-
-    try:
-        credential_choice(settings.values)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
-def _check_static_challenge(settings: Settings) -> None:
-    challenge, secret_name = settings.get("SCEP_CHALLENGE"), settings.get("SCEP_CHALLENGE_SECRET_NAME")
-    if not challenge and not secret_name:
-        raise ConfigError(
-            "SCEP_CHALLENGE (or SCEP_CHALLENGE_SECRET_NAME) is required when SCEP_CHALLENGE_MODE includes static"
-        )
-    if challenge and secret_name:
-        raise ConfigError("set SCEP_CHALLENGE or SCEP_CHALLENGE_SECRET_NAME, not both")
-    if secret_name and not settings.uses_key_vault:
-        raise ConfigError("SCEP_CHALLENGE_SECRET_NAME needs KEY_VAULT_URL (the vault that holds the secret)")
+def _service_settings(read: _Reader) -> ServiceSettings:
+    profile = Profile(
+        validity_days=read.count("SCEP_CERT_VALIDITY_DAYS", 1, 3650),
+        min_rsa_bits=read.count("SCEP_MIN_RSA_KEY_BITS", *MIN_RSA_KEY_BITS_RANGE),
+        allowed_ekus=_allowed_ekus(read.items("SCEP_ALLOWED_EKUS")),
+    )
+    return ServiceSettings(
+        data_dir=Path(read.text("SCEP_DATA_DIR")).expanduser(),
+        options=ServiceOptions(
+            allow_legacy=read.flag("SCEP_ALLOW_DES"),
+            profile=profile,
+            key_budget_seconds=float(read.count("SCEP_KEY_BUDGET_SECONDS", 1, 120)),
+        ),
+        max_message_bytes=read.count("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024),
+    )
 
 
-def _check_tables_settings(settings: Settings) -> None:
-    if not _tables_source(settings):
-        raise ConfigError(
-            "SCEP_STORE=tables needs SCEP_TABLES_ENDPOINT, AzureWebJobsStorage__tableServiceUri "
-            "or SCEP_TABLES_CONNECTION_STRING"
-        )
-    from scep.azure.tables import TABLE_PREFIX
-
-    if not TABLE_PREFIX.fullmatch(settings.get("SCEP_TABLE_PREFIX")):
-        raise ConfigError("SCEP_TABLE_PREFIX must be 1-51 letters and digits, starting with a letter")
-
-
-def _check_intune_settings(settings: Settings) -> None:
-    from scep.azure.intune.client import IntuneConfigError, IntuneSettings
-
-    if not settings.get("INTUNE_TENANT_ID"):
-        raise ConfigError("INTUNE_TENANT_ID is required when SCEP_CHALLENGE_MODE includes intune")
-    try:
-        IntuneSettings.from_env(settings.values)
-    except IntuneConfigError as error:
-        raise ConfigError(str(error)) from None
-
-
-def allowed_ekus(settings: Settings) -> frozenset:
+def _allowed_ekus(items: tuple[str, ...]) -> frozenset:
     found = set()
-    for item in (part.strip() for part in settings.get("SCEP_ALLOWED_EKUS").split(",")):
-        if not item:
-            continue
+    for item in items:
         if item in EKU_NAMES:
             found.add(EKU_NAMES[item])
             continue
         try:
             found.add(ObjectIdentifier(item))
         except ValueError:
-            raise ConfigError(f"SCEP_ALLOWED_EKUS: {item!r} is neither a known name nor an OID") from None
+            raise ConfigError("SCEP_ALLOWED_EKUS", f"holds {item!r}, neither a known name nor an OID") from None
     return frozenset(found) or DEFAULT_ALLOWED_EKUS
+
+
+def _key_vault_settings(read: _Reader) -> KeyVaultSettings | None:
+    url = read.url("KEY_VAULT_URL")
+    settings = KeyVaultSettings(
+        url=url,
+        ca_name=read.text("SCEP_CA_CERT_NAME"),
+        ra_name=read.text("SCEP_RA_CERT_NAME"),
+        refresh_seconds=float(read.count("KEY_VAULT_REFRESH_SECONDS", 1, 86400)),
+        verify_challenge_resource=read.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE"),
+    )
+    return settings if url else None
+
+
+def _store_settings(read: _Reader) -> StoreSettings:
+    endpoint = read.url("SCEP_TABLES_ENDPOINT") or read.url("AzureWebJobsStorage__tableServiceUri")
+    connection_string = read.text("SCEP_TABLES_CONNECTION_STRING")
+    kind = read.choice("SCEP_STORE", STORES)
+    if kind == "auto":
+        kind = "tables" if endpoint or connection_string else "sqlite"
+    prefix = read.text("SCEP_TABLE_PREFIX")
+    if kind == "tables":
+        from scep.azure.tables import TABLE_PREFIX
+
+        if not TABLE_PREFIX.fullmatch(prefix):
+            raise ConfigError("SCEP_TABLE_PREFIX", "must be 1-51 letters and digits, starting with a letter")
+    return StoreSettings(kind, endpoint, connection_string, prefix)
+
+
+def _challenge_settings(read: _Reader) -> ChallengeSettings:
+    modes = frozenset(item.lower() for item in read.items("SCEP_CHALLENGE_MODE"))
+    if not modes or not modes <= set(MODES):
+        raise ConfigError("SCEP_CHALLENGE_MODE", "must be static, intune or static,intune")
+    return ChallengeSettings(modes, read.text("SCEP_CHALLENGE"), read.text("SCEP_CHALLENGE_SECRET_NAME"))
+
+
+def _intune_config(read: _Reader) -> IntuneConfig:
+    from scep.azure.intune.client import AuthMode, IntuneSettings
+
+    client = IntuneSettings(
+        tenant_id=read.text("INTUNE_TENANT_ID"),
+        client_id=read.optional("INTUNE_CLIENT_ID"),
+        auth=AuthMode(read.choice("INTUNE_AUTH", INTUNE_AUTH_MODES)),
+        authority_host=read.url("INTUNE_AUTHORITY_HOST"),
+        graph_url=read.url("INTUNE_GRAPH_URL"),
+        resource_url=read.url("INTUNE_RESOURCE_URL"),
+        client_certificate_path=read.optional("INTUNE_CLIENT_CERTIFICATE_PATH"),
+        managed_identity_client_id=read.optional("AZURE_CLIENT_ID"),
+        token_exchange_audience=read.text("INTUNE_TOKEN_EXCHANGE_AUDIENCE"),
+        connect_timeout=read.seconds("INTUNE_CONNECT_TIMEOUT", 0.1, 300),
+        read_timeout=read.seconds("INTUNE_TIMEOUT", 0.1, 300),
+        validate_retries=read.count("INTUNE_VALIDATE_RETRIES", 0, 5),
+    )
+    return IntuneConfig(
+        client=client,
+        client_secret=read.text("INTUNE_CLIENT_SECRET"),
+        client_secret_name=read.text("INTUNE_CLIENT_SECRET_NAME"),
+        certificate_password=read.optional("INTUNE_CLIENT_CERTIFICATE_PASSWORD"),
+        allow_renewal_without_challenge=read.flag("INTUNE_ALLOW_RENEWAL_WITHOUT_CHALLENGE"),
+        ca_configuration=read.optional("INTUNE_CA_CONFIGURATION"),
+        certificate_authority=read.optional("INTUNE_CERTIFICATE_AUTHORITY"),
+    )
+
+
+# --- what serving needs ---
+
+
+def _check_serving(settings: Settings) -> None:
+    if "static" in settings.modes:
+        _check_static_challenge(settings)
+    if "intune" in settings.modes:
+        check_intune(settings)
+    if settings.webhooks.secret_name:
+        _needs_key_vault(settings, "SCEP_WEBHOOK_SECRET_NAME")
+    if settings.store.kind == "tables" and not (settings.store.tables_endpoint or settings.store.connection_string):
+        raise ConfigError(
+            "SCEP_TABLES_ENDPOINT",
+            "(or AzureWebJobsStorage__tableServiceUri, or SCEP_TABLES_CONNECTION_STRING) is required with "
+            "SCEP_STORE=tables",
+        )
+
+
+def _check_static_challenge(settings: Settings) -> None:
+    challenge = settings.challenge
+    if not challenge.static and not challenge.static_secret_name:
+        raise ConfigError(
+            "SCEP_CHALLENGE", "(or SCEP_CHALLENGE_SECRET_NAME) is required when SCEP_CHALLENGE_MODE includes static"
+        )
+    if challenge.static and challenge.static_secret_name:
+        raise ConfigError("SCEP_CHALLENGE", "and SCEP_CHALLENGE_SECRET_NAME are both set: set one, not both")
+    if challenge.static_secret_name:
+        _needs_key_vault(settings, "SCEP_CHALLENGE_SECRET_NAME")
+
+
+def _needs_key_vault(settings: Settings, setting: str) -> None:
+    if not settings.uses_key_vault:
+        raise ConfigError(setting, "needs KEY_VAULT_URL (the vault that holds the secret)")
+
+
+def check_intune(settings: Settings) -> None:
+    """What the Intune client needs for its INTUNE_AUTH: tenant, app registration, certificate or secret."""
+    client, auth = settings.intune.client, settings.intune.client.auth.value
+    if not client.tenant_id and auth != "managed-identity":
+        raise ConfigError("INTUNE_TENANT_ID", f"is required with INTUNE_AUTH={auth}")
+    if not client.client_id and auth != "managed-identity":
+        raise ConfigError("INTUNE_CLIENT_ID", f"is required with INTUNE_AUTH={auth}")
+    if auth == "certificate" and not client.client_certificate_path:
+        raise ConfigError("INTUNE_CLIENT_CERTIFICATE_PATH", "is required with INTUNE_AUTH=certificate")
+    if auth == "secret":
+        if not (settings.intune.client_secret or settings.intune.client_secret_name):
+            raise ConfigError(
+                "INTUNE_CLIENT_SECRET", "(or INTUNE_CLIENT_SECRET_NAME) is required with INTUNE_AUTH=secret"
+            )
+        if not settings.intune.client_secret:
+            _needs_key_vault(settings, "INTUNE_CLIENT_SECRET_NAME")
 
 
 # --- building the backends ---
 
 
+def build_credential(settings: Settings) -> Any:
+    """The app's own Azure credential, as SCEP_AZURE_CREDENTIAL, AZURE_CLIENT_ID and AZURE_AUTHORITY_HOST say."""
+    from scep.azure.identity import build_credential as build
+
+    identity = settings.identity
+    return build(identity.client_id, choice=identity.credential, authority_host=identity.authority_host)
+
+
+def key_vault_clients(settings: Settings) -> KeyVaultClients:
+    """The builder of every Key Vault client (custody and secrets), with the vault's pipeline settings."""
+    from scep.azure.vault_clients import KeyVaultClients, VaultPipeline
+
+    if settings.key_vault is None:
+        raise ConfigError("KEY_VAULT_URL", "is required to use Azure Key Vault")
+    pipeline = VaultPipeline(verify_challenge_resource=settings.key_vault.verify_challenge_resource)
+    return KeyVaultClients(settings.key_vault.url, build_credential(settings), pipeline)
+
+
+def key_vault_secret(settings: Settings, secret_name: str) -> SecretSource:
+    """A secret read by name from the app's Key Vault at run time (cached, re-read on refresh())."""
+    from scep.azure.intune import SecretSource
+    from scep.azure.vault_secrets import SecretReader
+
+    return SecretSource.from_key_vault(SecretReader(key_vault_clients(settings)), secret_name)
+
+
 def build_key_home(settings: Settings) -> KeyHome:
-    if settings.uses_key_vault:
-        from scep.azure.identity import build_credential
+    if settings.key_vault is not None:
         from scep.azure.keyvault import KeyVaultHome
 
         return KeyVaultHome(
-            settings.get("KEY_VAULT_URL"),
-            ca_name=settings.get("SCEP_CA_CERT_NAME"),
-            ra_name=settings.get("SCEP_RA_CERT_NAME"),
-            credential=build_credential(settings.get("AZURE_CLIENT_ID") or None),
-            verify_challenge_resource=settings.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE"),
-            refresh_interval=float(settings.integer("KEY_VAULT_REFRESH_SECONDS", 1, 86400)),
+            key_vault_clients(settings),
+            ca_name=settings.key_vault.ca_name,
+            ra_name=settings.key_vault.ra_name,
+            refresh_interval=settings.key_vault.refresh_seconds,
         )
     from scep.keys.local import LocalHome
 
@@ -283,26 +545,14 @@ def ensure_local_ca(settings: Settings, home: KeyHome) -> bool:
         return True
 
 
-def _tables_source(settings: Settings) -> str:
-    return (
-        settings.get("SCEP_TABLES_CONNECTION_STRING")
-        or settings.get("SCEP_TABLES_ENDPOINT")
-        or settings.get("AzureWebJobsStorage__tableServiceUri")
-    )
-
-
 def build_store(settings: Settings) -> Store:
-    if settings.store_kind == "tables":
+    store = settings.store
+    if store.kind == "tables":
         from scep.azure.tables import TableStore
 
-        prefix = settings.get("SCEP_TABLE_PREFIX")
-        connection_string = settings.get("SCEP_TABLES_CONNECTION_STRING")
-        if connection_string:
-            return TableStore.from_connection_string(connection_string, table_prefix=prefix)
-        from scep.azure.identity import build_credential
-
-        credential = build_credential(settings.get("AZURE_CLIENT_ID") or None)
-        return TableStore(_tables_source(settings), credential, table_prefix=prefix)
+        if store.connection_string:
+            return TableStore.from_connection_string(store.connection_string, table_prefix=store.table_prefix)
+        return TableStore(store.tables_endpoint, build_credential(settings), table_prefix=store.table_prefix)
     from scep.store.sqlite import SqliteStore
 
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -315,76 +565,85 @@ def build_validator(settings: Settings) -> ChallengeValidator:
     if "intune" not in modes:
         assert static is not None
         return static
-    from scep.azure.intune.validator import build_intune_validator
+    from scep.azure.intune.validator import IntuneValidator
 
-    try:
-        intune = build_intune_validator(settings)
-    except ValueError as error:  # IntuneConfigError names the setting
-        raise ConfigError(str(error)) from None
+    intune = settings.intune
+    validator = IntuneValidator(
+        build_intune_client(settings),
+        allow_renewal_without_challenge=intune.allow_renewal_without_challenge,
+        ca_configuration=intune.ca_configuration,
+        certificate_authority=intune.certificate_authority,
+    )
     if static is None:
-        return intune
+        return validator
     from scep.challenge.composite import CompositeValidator
 
-    return CompositeValidator([static, intune])
+    return CompositeValidator([static, validator])
 
 
 def _static_validator(settings: Settings) -> StaticValidator:
     """The fixed SCEP_CHALLENGE, or the Key Vault secret SCEP_CHALLENGE_SECRET_NAME read at run time."""
-    secret_name = settings.get("SCEP_CHALLENGE_SECRET_NAME")
-    if not secret_name:
-        return StaticValidator(settings.get("SCEP_CHALLENGE"))
-    from scep.azure.intune import key_vault_secret_source
-
-    return StaticValidator(key_vault_secret_source(settings.values, secret_name, "SCEP_CHALLENGE_SECRET_NAME"))
+    challenge = settings.challenge
+    if not challenge.static_secret_name:
+        return StaticValidator(challenge.static)
+    return StaticValidator(key_vault_secret(settings, challenge.static_secret_name))
 
 
-def build_intune_client(settings: Settings):
+def build_intune_client(settings: Settings) -> IntuneClient:
+    """The Intune client INTUNE_AUTH describes; ConfigError naming the setting when something it needs is missing."""
+    from scep.azure.intune import SecretSource
     from scep.azure.intune import build_intune_client as build
 
-    try:
-        return build(settings)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    check_intune(settings)
+    intune = settings.intune
+    secret_source = None
+    if intune.client.auth.value == "secret":
+        secret_source = (
+            SecretSource.fixed(intune.client_secret)
+            if intune.client_secret
+            else key_vault_secret(settings, intune.client_secret_name)
+        )
+    return build(intune.client, secret_source, certificate_password=intune.certificate_password)
 
 
-def build_webhooks(settings: Settings, validator: ChallengeValidator):
+def build_webhooks(settings: Settings, validator: ChallengeValidator) -> WebhookHandler | None:
     """The step-ca webhook handler, or None when no webhook secret is configured."""
-    if not (settings.get("SCEP_WEBHOOK_SECRET") or settings.get("SCEP_WEBHOOK_SECRET_NAME")):
+    webhooks = settings.webhooks
+    if not webhooks.enabled:
         return None
     from scep.challenge.webhook import build_webhook_handler
 
+    secrets, setting = webhooks.secrets, "SCEP_WEBHOOK_SECRET"
+    if not secrets:
+        setting = "SCEP_WEBHOOK_SECRET_NAME"
+        secrets = split_list(key_vault_secret(settings, webhooks.secret_name).current())
     try:
-        return build_webhook_handler(settings, validator)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+        return build_webhook_handler(secrets, validator, webhook_ids=webhooks.ids, setting=setting)
+    except ValueError as error:  # its message starts with the setting's name
+        raise ConfigError(setting, "is not usable: " + str(error).removeprefix(f"{setting}: ")) from None
 
 
 def build_service(settings: Settings) -> ScepService:
     home = build_key_home(settings)
     ensure_local_ca(settings, home)
-    options = ServiceOptions(
-        allow_legacy=settings.flag("SCEP_ALLOW_DES"),
-        profile=Profile(
-            validity_days=settings.integer("SCEP_CERT_VALIDITY_DAYS", 1, 3650),
-            min_rsa_bits=settings.integer("SCEP_MIN_RSA_KEY_BITS", *MIN_RSA_KEY_BITS_RANGE),
-            allowed_ekus=allowed_ekus(settings),
-        ),
-        key_budget_seconds=float(settings.integer("SCEP_KEY_BUDGET_SECONDS", 1, 120)),
-    )
-    return ScepService(home, build_store(settings), build_validator(settings), options)
+    return ScepService(home, build_store(settings), build_validator(settings), settings.service.options)
 
+
+# --- the process-wide accessors ---
 
 _service: ScepService | None = None
 _settings: Settings | None = None
-_webhooks = None
+_webhooks: WebhookHandler | bool | None = None
 _lock = threading.RLock()
 
 
 def settings() -> Settings:
-    """The process's settings, checked once."""
+    """The process's settings, read from the environment and checked once (or those given to reset())."""
     global _settings
     if _settings is None:
-        _settings = load_settings()
+        with _lock:
+            if _settings is None:
+                _settings = load_settings()
     return _settings
 
 
@@ -398,7 +657,7 @@ def service() -> ScepService:
     return _service
 
 
-def webhooks():
+def webhooks() -> WebhookHandler | None:
     """The process's step-ca webhook handler (None when not configured), built once."""
     global _webhooks
     if _webhooks is None:
@@ -408,26 +667,24 @@ def webhooks():
     return _webhooks or None
 
 
-def reset() -> None:
-    """Forget the cached settings, service and webhooks (after the environment changed)."""
+def reset(new_settings: Settings | None = None) -> None:
+    """Forget the cached service and webhooks, and the settings: read again on next use, or new_settings (a server
+    that built its settings from the environment and its command line hands them to the process this way)."""
     global _service, _settings, _webhooks
     with _lock:
         _service = None
-        _settings = None
+        _settings = new_settings
         _webhooks = None
 
 
 def log_level(settings: Settings) -> str | None:
     """SCEP_LOG_LEVEL in lower case; None when unset (the caller's default applies)."""
-    level = settings.get("SCEP_LOG_LEVEL").lower()
-    if level and level not in LEVELS:
-        raise ConfigError(f"SCEP_LOG_LEVEL must be one of {', '.join(LEVELS)}, not {level!r}")
-    return level or None
+    return settings.log_level
 
 
 def ra_renew_days() -> int:
-    return settings().integer("SCEP_RA_RENEW_DAYS", 1, 365)
+    return settings().ra_renew_days
 
 
 def max_message_bytes() -> int:
-    return settings().integer("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024)
+    return settings().service.max_message_bytes

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from scep.config import SETTINGS, ConfigError, load_settings
+from scep.config import SETTINGS, ConfigError, key_vault_clients, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"SCEP_CHALLENGE": "secret"}
@@ -34,11 +35,58 @@ TABLES = {"SCEP_TABLES_ENDPOINT": "https://account.table.core.windows.net"}  # A
         ({"KEY_VAULT_REFRESH_SECONDS": "-1"}, "KEY_VAULT_REFRESH_SECONDS"),
         ({"SCEP_CHALLENGE_MODE": "intune"}, "INTUNE_TENANT_ID"),
         ({"SCEP_CHALLENGE_MODE": "intune", "INTUNE_TENANT_ID": "t", "INTUNE_AUTH": "telepathy"}, "INTUNE_AUTH"),
+        ({"KEY_VAULT_VERIFY_CHALLENGE_RESOURCE": "perhaps"}, "KEY_VAULT_VERIFY_CHALLENGE_RESOURCE"),
+        ({"SCEP_AZURE_CREDENTIAL": "cli"}, "SCEP_AZURE_CREDENTIAL"),
+        ({"SCEP_LOG_LEVEL": "loud"}, "SCEP_LOG_LEVEL"),
+        ({"INTUNE_CONNECT_TIMEOUT": "0"}, "INTUNE_CONNECT_TIMEOUT"),
+        ({"INTUNE_VALIDATE_RETRIES": "6"}, "INTUNE_VALIDATE_RETRIES"),
+        ({"INTUNE_ALLOW_RENEWAL_WITHOUT_CHALLENGE": "sometimes"}, "INTUNE_ALLOW_RENEWAL_WITHOUT_CHALLENGE"),
+        ({"SCEP_WEBHOOK_SECRET_NAME": "hooks"}, "SCEP_WEBHOOK_SECRET_NAME"),
     ],
 )
 def test_wrong_setting_is_named(overrides, named):
-    with pytest.raises(ConfigError, match=named):
+    with pytest.raises(ConfigError, match=named) as caught:
         load_settings({**BASE, **overrides})
+    assert caught.value.setting == named
+
+
+def test_settings_are_typed_and_immutable():
+    environment = {"SCEP_CHALLENGE": "hunter2", "SCEP_WEBHOOK_SECRET": "a, b c", "SCEP_CERT_VALIDITY_DAYS": " 90 "}
+    settings = load_settings(environment)
+    assert settings.webhooks.secrets == ("a", "b", "c") and settings.challenge.static == "hunter2"
+    assert settings.service.options.profile.validity_days == 90
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.log_level = "debug"  # type: ignore[misc]
+    assert "hunter2" not in repr(settings) and "'a'" not in repr(settings), "secrets stay out of the representation"
+
+
+def test_overrides_take_precedence_and_are_checked():
+    settings = load_settings({**BASE, "SCEP_DATA_DIR": "/from/env"}, overrides={"SCEP_DATA_DIR": "/from/cli"})
+    assert settings.data_dir == Path("/from/cli")
+    with pytest.raises(ConfigError, match="SCEP_CERT_VALIDITY_DAYS"):
+        load_settings(BASE, overrides={"SCEP_CERT_VALIDITY_DAYS": "never"})
+    with pytest.raises(ConfigError, match="SCEP_NO_SUCH_THING"):
+        load_settings(BASE, overrides={"SCEP_NO_SUCH_THING": "x"})
+
+
+@pytest.mark.parametrize("spelling,verify", [("off", False), ("0", False), ("no", False), ("on", True), ("", True)])
+def test_one_flag_parser_sets_every_key_vault_client(spelling, verify):
+    environment = {**BASE, "KEY_VAULT_URL": "https://vault.example", "KEY_VAULT_VERIFY_CHALLENGE_RESOURCE": spelling}
+    assert key_vault_clients(load_settings(environment)).pipeline.verify_challenge_resource is verify
+
+
+def test_azure_identity_settings():
+    environment = {**BASE, "AZURE_AUTHORITY_HOST": "https://127.0.0.1:1", "AZURE_CLIENT_ID": "mi"}
+    identity = load_settings(environment).identity
+    assert (identity.authority_host, identity.client_id) == ("https://127.0.0.1:1", "mi")
+    assert identity.credential == "default"
+
+
+def test_administrative_commands_do_without_what_serving_needs():
+    settings = load_settings({"SCEP_CHALLENGE_MODE": "intune"}, for_serving=False)
+    assert settings.modes == {"intune"}
+    with pytest.raises(ConfigError, match="INTUNE_TENANT_ID"):
+        load_settings({"SCEP_CHALLENGE_MODE": "intune"})
 
 
 def test_defaults_are_valid():

@@ -31,6 +31,7 @@ from scep.azure.intune import (
 )
 from scep.azure.intune.check import Status, run_check
 from scep.azure.intune.client import VALIDATION_SERVICE, iso_utc
+from scep.config import ConfigError, load_settings
 from tests.emulators.intune import IntuneTestbed, build_csr
 
 VALIDATE = "/ScepRequestValidationFEService/ScepActions/validateRequest"
@@ -42,7 +43,7 @@ DISCOVERY = "/endpoints$"
 
 
 def settings_for(bed: IntuneTestbed, **overrides: object) -> IntuneSettings:
-    settings = IntuneSettings.from_env(bed.environment())
+    settings = load_settings(bed.environment()).intune.client
     return replace(settings, **{"read_timeout": 2.0, **overrides})
 
 
@@ -81,8 +82,11 @@ def csr_der(bed: IntuneTestbed) -> bytes:
 # Settings
 
 
-def test_settings_from_env_defaults_and_scopes() -> None:
-    settings = IntuneSettings.from_env({"INTUNE_TENANT_ID": "t", "INTUNE_CLIENT_ID": "c"})
+INTUNE_MODE = {"SCEP_CHALLENGE_MODE": "intune", "INTUNE_CLIENT_SECRET": "s"}
+
+
+def test_settings_defaults_and_scopes() -> None:
+    settings = load_settings({**INTUNE_MODE, "INTUNE_TENANT_ID": "t", "INTUNE_CLIENT_ID": "c"}).intune.client
     assert settings.auth is AuthMode.SECRET
     assert settings.intune_scope == "https://api.manage.microsoft.com//.default"
     assert settings.graph_scope == "https://graph.microsoft.com/.default"
@@ -108,13 +112,14 @@ def test_settings_from_env_defaults_and_scopes() -> None:
     ],
 )
 def test_settings_errors_name_the_setting(env: dict[str, str], setting: str) -> None:
-    with pytest.raises(IntuneConfigError) as caught:
-        IntuneSettings.from_env(env)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**INTUNE_MODE, **env})
     assert caught.value.setting == setting
 
 
 def test_managed_identity_needs_no_tenant_or_client() -> None:
-    settings = IntuneSettings.from_env({"INTUNE_AUTH": "managed-identity", "AZURE_CLIENT_ID": "mi"})
+    environment = {"SCEP_CHALLENGE_MODE": "intune", "INTUNE_AUTH": "managed-identity", "AZURE_CLIENT_ID": "mi"}
+    settings = load_settings(environment).intune.client
     assert settings.auth is AuthMode.MANAGED_IDENTITY
     assert settings.managed_identity_client_id == "mi"
 

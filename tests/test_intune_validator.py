@@ -18,19 +18,19 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from scep.azure.intune import ERROR_CODES, HResult, IntuneClient, IntuneConfigError, IntuneSettings, SecretSource
+from scep.azure.intune import ERROR_CODES, HResult, IntuneClient, SecretSource
 from scep.azure.intune import build_intune_credential as build_credential
 from scep.azure.intune.validator import (
     FAIL_INFO_BY_CODE,
     UNAVAILABLE,
     IntuneValidator,
-    build_intune_validator,
     certificate_thumbprint,
     serial_number_hex,
 )
 from scep.challenge import EnrollmentRequest, NotificationFailed
 from scep.challenge.composite import CompositeValidator
 from scep.challenge.static import StaticValidator
+from scep.config import ConfigError, build_validator, load_settings
 from scep.core.protocol import FailInfo
 from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr
 
@@ -48,7 +48,7 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 def validator_for(bed: IntuneTestbed, **options: object) -> IntuneValidator:
-    settings = replace(IntuneSettings.from_env(bed.environment()), read_timeout=1.0)
+    settings = replace(load_settings(bed.environment()).intune.client, read_timeout=1.0)
     client = IntuneClient(settings, build_credential(settings, SecretSource.fixed(bed.secret)), sleep=lambda s: None)
     return IntuneValidator(client, **options)  # type: ignore[arg-type]
 
@@ -388,12 +388,13 @@ def test_composite_rejection_is_intunes(testbed: IntuneTestbed) -> None:
 
 def test_build_from_settings(testbed: IntuneTestbed) -> None:
     env = {**testbed.environment(), "INTUNE_ALLOW_RENEWAL_WITHOUT_CHALLENGE": "true", "INTUNE_CA_CONFIGURATION": "x"}
-    validator = build_intune_validator(env)
+    validator = build_validator(load_settings(env))
+    assert isinstance(validator, IntuneValidator)
     assert validator.allow_renewal_without_challenge and validator.ca_configuration == "x"
     assert validator.validate(request_for(testbed.intune.issue_challenge(SUBJECT, SANS))).accepted
 
 
 def test_build_without_a_secret_names_the_setting() -> None:
-    with pytest.raises(IntuneConfigError) as caught:
-        build_intune_validator({"INTUNE_TENANT_ID": "t", "INTUNE_CLIENT_ID": "c"})
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SCEP_CHALLENGE_MODE": "intune", "INTUNE_TENANT_ID": "t", "INTUNE_CLIENT_ID": "c"})
     assert caught.value.setting == "INTUNE_CLIENT_SECRET"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from scep.azure.intune import HResult, IntuneClient, IntuneSettings, SecretSource, build_intune_credential
+from scep.azure.intune import HResult, IntuneClient, SecretSource, build_intune_credential
 from scep.azure.intune.validator import IntuneValidator
 from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
 from scep.challenge.composite import CompositeValidator
@@ -30,6 +30,7 @@ from scep.challenge.webhook import (
     decode_webhook_secret,
     sign_webhook_body,
 )
+from scep.config import build_webhooks, load_settings
 from scep.core.protocol import FailInfo
 from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr
 
@@ -277,9 +278,10 @@ def test_secret_decoding() -> None:
 
 def test_build_from_settings_with_two_secrets(csr: x509.CertificateSigningRequest) -> None:
     other = base64.b64encode(os.urandom(64)).decode()
-    handler = build_webhook_handler(
-        {"SCEP_WEBHOOK_SECRET": f"{STEP_SECRET}, {other}", "SCEP_WEBHOOK_IDS": WEBHOOK_ID}, RecordingValidator()
-    )
+    settings = load_settings({"SCEP_CHALLENGE": "c", "SCEP_WEBHOOK_SECRET": f"{STEP_SECRET}, {other}",
+                              "SCEP_WEBHOOK_IDS": WEBHOOK_ID})
+    handler = build_webhooks(settings, RecordingValidator())
+    assert handler is not None
     assert handler.handle_challenge(*signed(challenge_body("c", csr)))[0] == 200
     body = success_body(csr, certificate_for(csr))
     assert handler.handle_notify(*signed(body, key=base64.b64decode(other)))[0] == 200
@@ -288,7 +290,7 @@ def test_build_from_settings_with_two_secrets(csr: x509.CertificateSigningReques
 
 def test_build_without_a_secret_names_the_setting() -> None:
     with pytest.raises(ValueError, match="SCEP_WEBHOOK_SECRET"):
-        build_webhook_handler({}, RecordingValidator())
+        build_webhook_handler((), RecordingValidator())
 
 
 # With Intune behind it (the emulators)
@@ -297,7 +299,7 @@ def test_build_without_a_secret_names_the_setting() -> None:
 
 
 def intune_validator(bed: IntuneTestbed) -> IntuneValidator:
-    settings = replace(IntuneSettings.from_env(bed.environment()), read_timeout=2.0)
+    settings = replace(load_settings(bed.environment()).intune.client, read_timeout=2.0)
     return IntuneValidator(IntuneClient(settings, build_intune_credential(settings, SecretSource.fixed(bed.secret))))
 
 

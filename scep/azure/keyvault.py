@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -58,6 +58,9 @@ from scep.keys import (
     current_deadline,
     encryption_twin,
 )
+
+if TYPE_CHECKING:
+    from scep.azure.vault_clients import KeyVaultClients
 
 log = logging.getLogger(__name__)
 
@@ -309,116 +312,49 @@ class KeyVaultHome:
 
     def __init__(
         self,
-        vault_url: str,
+        clients: KeyVaultClients,
         ca_name: str = "scep-ca",
         ra_name: str = "scep-ra",
-        credential: Any = None,
-        verify_challenge_resource: bool = True,
         *,
         refresh_interval: float = DEFAULT_REFRESH_SECONDS,
-        retry_total: int = 3,
-        retry_backoff_factor: float = 0.5,
-        retry_backoff_max: float = 4.0,
-        connection_timeout: float = 10.0,
-        read_timeout: float = 30.0,
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not vault_url.lower().startswith("https://"):
-            raise ValueError("KEY_VAULT_URL must be an https:// URL")
-        if credential is None:
-            from scep.azure.identity import build_credential
-
-            credential = build_credential()
-        self.vault_url = vault_url.rstrip("/")
+        self._clients = clients
+        self.vault_url = clients.vault_url
         self.ca_name = ca_name
         self.ra_name = ra_name
         self.refresh_interval = refresh_interval
         self.poll_interval = poll_interval
         self._clock = clock
-        self._credential = credential
-        self._timeouts = (connection_timeout, read_timeout)
-        self._client_kwargs = self._pipeline_settings(
-            verify_challenge_resource,
-            retry_total,
-            retry_backoff_factor,
-            retry_backoff_max,
-            connection_timeout,
-            read_timeout,
-        )
-        self._certificates_client: Any = None
-        self._secrets_client: Any = None
-        self._keys_client: Any = None
         self._handles: dict[tuple[str, str], KeyVaultKeyHandle] = {}
         self._cached: CaKeys | None = None
         self._fingerprint: tuple[Any, ...] = ()
         self._next_check = 0.0
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _pipeline_settings(
-        verify_challenge_resource: bool,
-        retry_total: int,
-        retry_backoff_factor: float,
-        retry_backoff_max: float,
-        connection_timeout: float,
-        read_timeout: float,
-    ) -> dict[str, Any]:
-        import requests
-        from azure.core.pipeline.transport import RequestsTransport
-
-        # One connection pool for every client: the warm path reuses TLS connections to the vault.
-        session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
-        session.mount("https://", adapter)
-        return {
-            "verify_challenge_resource": verify_challenge_resource,
-            "retry_total": retry_total,
-            "retry_backoff_factor": retry_backoff_factor,
-            "retry_backoff_max": retry_backoff_max,
-            "transport": RequestsTransport(
-                session=session,
-                session_owner=False,
-                connection_timeout=connection_timeout,
-                read_timeout=read_timeout,
-            ),
-        }
-
-    # Clients (created on first use so that importing and constructing stay cheap)
+    # Clients (built by the vault's one client builder, on first use)
 
     @property
     def _certificates(self) -> Any:
-        if self._certificates_client is None:
-            from azure.keyvault.certificates import CertificateClient
-
-            self._certificates_client = CertificateClient(self.vault_url, self._credential, **self._client_kwargs)
-        return self._certificates_client
+        return self._clients.certificates()
 
     @property
     def _secrets(self) -> Any:
-        if self._secrets_client is None:
-            from azure.keyvault.secrets import SecretClient
-
-            self._secrets_client = SecretClient(self.vault_url, self._credential, **self._client_kwargs)
-        return self._secrets_client
+        return self._clients.secrets()
 
     @property
     def _keys(self) -> Any:
-        if self._keys_client is None:
-            from azure.keyvault.keys import KeyClient
-
-            self._keys_client = KeyClient(self.vault_url, self._credential, **self._client_kwargs)
-        return self._keys_client
+        return self._clients.keys()
 
     def _key_handle(self, certificate: x509.Certificate, key_id: str, version: str) -> KeyVaultKeyHandle:
         from azure.keyvault.keys import KeyVaultKey
-        from azure.keyvault.keys.crypto import CryptographyClient
 
         key = KeyVaultKey(key_id=key_id, jwk=_public_jwk(key_id, certificate))
         # the handle retries key operations itself, within the caller's time budget
-        crypto = CryptographyClient(key, self._credential, **{**self._client_kwargs, "retry_total": 0})
+        crypto = self._clients.cryptography(key, retry_total=0)
         return KeyVaultKeyHandle(
-            certificate, key_id, crypto, version, lambda: self._key_operations_of(key_id), self._timeouts
+            certificate, key_id, crypto, version, lambda: self._key_operations_of(key_id), self._clients.timeouts
         )
 
     def _key_operations_of(self, key_id: str) -> list[str]:

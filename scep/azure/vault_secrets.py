@@ -16,11 +16,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from scep.appsettings import is_key_vault_reference
 from scep.azure.errors import translated
 from scep.keys import CustodyError
+
+if TYPE_CHECKING:
+    from scep.azure.vault_clients import KeyVaultClients
 
 DEFAULT_MAX_AGE_SECONDS = 300.0
 
@@ -34,42 +37,17 @@ class SecretReader:
 
     def __init__(
         self,
-        vault_url: str,
-        credential: Any = None,
-        verify_challenge_resource: bool = True,
+        clients: KeyVaultClients,
         *,
         max_age: float = DEFAULT_MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
-        retry_total: int = 3,
-        retry_backoff_factor: float = 0.5,
-        retry_backoff_max: float = 4.0,
     ) -> None:
-        if not vault_url.lower().startswith("https://"):
-            raise ValueError("KEY_VAULT_URL must be an https:// URL")
-        if credential is None:
-            from scep.azure.identity import build_credential
-
-            credential = build_credential()
-        self.vault_url = vault_url.rstrip("/")
-        self._credential = credential
-        self._client_kwargs = {
-            "verify_challenge_resource": verify_challenge_resource,
-            "retry_total": retry_total,
-            "retry_backoff_factor": retry_backoff_factor,
-            "retry_backoff_max": retry_backoff_max,
-        }
-        self._client: Any = None
+        self.vault_url = clients.vault_url
+        self._clients = clients
         self._max_age = max_age
         self._clock = clock
         self._values: dict[str, tuple[str, float]] = {}  # name -> (value, when it was read)
         self._lock = threading.Lock()
-
-    def _secrets(self) -> Any:
-        if self._client is None:
-            from azure.keyvault.secrets import SecretClient
-
-            self._client = SecretClient(self.vault_url, self._credential, **self._client_kwargs)
-        return self._client
 
     def get(self, name: str) -> str:
         """The secret's value: from memory while younger than max_age, otherwise read from the vault again."""
@@ -82,7 +60,7 @@ class SecretReader:
     def refresh(self, name: str) -> str:
         """Read the latest version now (after the secret was refused somewhere) and cache it."""
         with translated(lambda detail: SecretError(f"Key Vault secret '{name}' could not be read ({detail})")):
-            secret = self._secrets().get_secret(name)
+            secret = self._clients.secrets().get_secret(name)
         if not secret.value:
             raise SecretError(f"Key Vault secret '{name}' is empty")
         if is_key_vault_reference(secret.value):

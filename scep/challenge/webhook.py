@@ -261,21 +261,17 @@ def _raw_bytes(section: Any, name: str) -> bytes:
         raise WebhookRejected(400, f"{name}.raw is not base64") from None
 
 
-def build_webhook_handler(settings: Any, validator: ChallengeValidator) -> WebhookHandler:
-    """The handler for the step-ca webhook routes, from SCEP_WEBHOOK_SECRET (the base64 secret step-ca printed;
-    several separated by commas or spaces, e.g. the SCEPCHALLENGE and the NOTIFYING webhook's) or a Key Vault
-    secret named by SCEP_WEBHOOK_SECRET_NAME holding the same text. SCEP_WEBHOOK_IDS (optional) restricts
-    the X-Smallstep-Webhook-ID values served. Raises ValueError naming a wrong setting."""
-    env: Mapping[str, str] = settings if isinstance(settings, Mapping) else settings.values
-    text, setting = (env.get("SCEP_WEBHOOK_SECRET") or "").strip(), "SCEP_WEBHOOK_SECRET"
-    if not text and (env.get("SCEP_WEBHOOK_SECRET_NAME") or "").strip():
-        from scep.azure.intune import key_vault_secret_source
-
-        setting = "SCEP_WEBHOOK_SECRET_NAME"
-        source = key_vault_secret_source(env, env["SCEP_WEBHOOK_SECRET_NAME"].strip(), setting)
-        text = source.current()
-    if not text:
-        raise ValueError("SCEP_WEBHOOK_SECRET: required for the step-ca webhooks (or SCEP_WEBHOOK_SECRET_NAME)")
-    keys = [decode_webhook_secret(item, setting) for item in re.split(r"[\s,]+", text) if item]
-    ids = [item for item in re.split(r"[\s,]+", env.get("SCEP_WEBHOOK_IDS") or "") if item]
-    return WebhookHandler(keys, validator, webhook_ids=ids or None)
+def build_webhook_handler(
+    secrets: Sequence[str],
+    validator: ChallengeValidator,
+    *,
+    webhook_ids: Collection[str] = (),
+    setting: str = "SCEP_WEBHOOK_SECRET",
+) -> WebhookHandler:
+    """The handler for the step-ca webhook routes: secrets are the base64 texts step-ca printed (e.g. the
+    SCEPCHALLENGE and the NOTIFYING webhook's), from the setting named `setting`; webhook_ids (optional) restricts
+    the X-Smallstep-Webhook-ID values served. Raises ValueError naming the setting."""
+    if not secrets:
+        raise ValueError(f"{setting}: required for the step-ca webhooks (or SCEP_WEBHOOK_SECRET_NAME)")
+    keys = [decode_webhook_secret(item, setting) for item in secrets]
+    return WebhookHandler(keys, validator, webhook_ids=webhook_ids or None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -26,9 +26,9 @@ class Finding:
     text: str
 
 
-def run_doctor(environ: Mapping[str, str]) -> Iterator[Finding]:
+def run_doctor() -> Iterator[Finding]:
     try:
-        settings = config.load_settings(environ)
+        settings = config.load_settings()
     except config.ConfigError as error:
         yield Finding(False, f"settings: {error}")
         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,6 @@ __all__ = [
     "SecretSource",
     "build_intune_client",
     "build_intune_credential",
-    "key_vault_secret_source",
 ]
 
 
@@ -83,18 +82,6 @@ class SecretSource:
     def from_key_vault(cls, reader: SecretReader, name: str) -> SecretSource:
         """A Key Vault secret, read once and again on refresh()."""
         return cls(lambda: reader.get(name), lambda: reader.refresh(name))
-
-
-def key_vault_secret_source(env: Mapping[str, str], secret_name: str, setting: str) -> SecretSource:
-    """A SecretSource reading secret_name from the Key Vault at KEY_VAULT_URL with the app's own identity."""
-    vault_url = (env.get("KEY_VAULT_URL") or "").strip()
-    if not vault_url:
-        raise IntuneConfigError("KEY_VAULT_URL", f"required to read {setting} from Key Vault")
-    from scep.azure.identity import build_credential
-
-    verify = (env.get("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE") or "true").strip().lower() not in ("false", "0", "no")
-    reader = SecretReader(vault_url, build_credential(), verify_challenge_resource=verify)
-    return SecretSource.from_key_vault(reader, secret_name)
 
 
 class RotatingSecretCredential:
@@ -215,24 +202,9 @@ def _client_id(settings: IntuneSettings) -> str:
     return settings.client_id
 
 
-def build_intune_client(settings: Any) -> IntuneClient:
-    """An IntuneClient from settings: a mapping of environment-style names (INTUNE_*, AZURE_CLIENT_ID,
-    KEY_VAULT_URL), or an object holding one in `.values`. Raises IntuneConfigError naming a wrong setting."""
-    env: Mapping[str, str] = settings if isinstance(settings, Mapping) else settings.values
-    intune_settings = IntuneSettings.from_env(env)
-    secret_source = _secret_source(env) if intune_settings.auth is AuthMode.SECRET else None
-    password = (env.get("INTUNE_CLIENT_CERTIFICATE_PASSWORD") or "").strip() or None
-    credential = build_intune_credential(intune_settings, secret_source, certificate_password=password)
-    return IntuneClient(intune_settings, credential)
-
-
-def _secret_source(env: Mapping[str, str]) -> SecretSource:
-    secret = (env.get("INTUNE_CLIENT_SECRET") or "").strip()
-    if secret:
-        return SecretSource.fixed(secret)
-    name = (env.get("INTUNE_CLIENT_SECRET_NAME") or "").strip()
-    if name:
-        return key_vault_secret_source(env, name, "INTUNE_CLIENT_SECRET_NAME")
-    raise IntuneConfigError(
-        "INTUNE_CLIENT_SECRET", "INTUNE_AUTH=secret needs INTUNE_CLIENT_SECRET or INTUNE_CLIENT_SECRET_NAME"
-    )
+def build_intune_client(
+    settings: IntuneSettings, secret_source: SecretSource | None = None, *, certificate_password: str | None = None
+) -> IntuneClient:
+    """An IntuneClient signing in as settings.auth says (see build_intune_credential)."""
+    credential = build_intune_credential(settings, secret_source, certificate_password=certificate_password)
+    return IntuneClient(settings, credential)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -127,77 +127,6 @@ class IntuneSettings:
     @property
     def discovery_url(self) -> str:
         return f"{self.graph_url.rstrip('/')}/v1.0/servicePrincipals/appId={INTUNE_APP_ID}/endpoints"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> IntuneSettings:
-        """Read INTUNE_* settings (and AZURE_CLIENT_ID); raise IntuneConfigError naming a wrong one."""
-        auth = _parse_auth(env.get("INTUNE_AUTH", AuthMode.SECRET.value))
-        tenant_id = _value(env, "INTUNE_TENANT_ID")
-        client_id = _value(env, "INTUNE_CLIENT_ID")
-        if auth is not AuthMode.MANAGED_IDENTITY:
-            if not tenant_id:
-                raise IntuneConfigError("INTUNE_TENANT_ID", f"required with INTUNE_AUTH={auth.value}")
-            if not client_id:
-                raise IntuneConfigError("INTUNE_CLIENT_ID", f"required with INTUNE_AUTH={auth.value}")
-        certificate_path = _value(env, "INTUNE_CLIENT_CERTIFICATE_PATH")
-        if auth is AuthMode.CERTIFICATE and not certificate_path:
-            raise IntuneConfigError("INTUNE_CLIENT_CERTIFICATE_PATH", "required with INTUNE_AUTH=certificate")
-        return cls(
-            tenant_id=tenant_id or "",
-            client_id=client_id,
-            auth=auth,
-            authority_host=_url(env, "INTUNE_AUTHORITY_HOST", DEFAULT_AUTHORITY_HOST),
-            graph_url=_url(env, "INTUNE_GRAPH_URL", DEFAULT_GRAPH_URL),
-            resource_url=_url(env, "INTUNE_RESOURCE_URL", DEFAULT_RESOURCE_URL),
-            client_certificate_path=certificate_path,
-            managed_identity_client_id=_value(env, "AZURE_CLIENT_ID"),
-            token_exchange_audience=_value(env, "INTUNE_TOKEN_EXCHANGE_AUDIENCE") or DEFAULT_TOKEN_EXCHANGE_AUDIENCE,
-            connect_timeout=_seconds(env, "INTUNE_CONNECT_TIMEOUT", 5.0),
-            read_timeout=_seconds(env, "INTUNE_TIMEOUT", 15.0),
-            validate_retries=_count(env, "INTUNE_VALIDATE_RETRIES", 2),
-        )
-
-
-def _value(env: Mapping[str, str], name: str) -> str | None:
-    value = (env.get(name) or "").strip()
-    return value or None
-
-
-def _parse_auth(text: str) -> AuthMode:
-    try:
-        return AuthMode(text.strip().lower())
-    except ValueError:
-        choices = ", ".join(mode.value for mode in AuthMode)
-        raise IntuneConfigError("INTUNE_AUTH", f"{text!r} is not one of {choices}") from None
-
-
-def _url(env: Mapping[str, str], name: str, default: str) -> str:
-    value = _value(env, name) or default
-    if not value.startswith("https://"):
-        raise IntuneConfigError(name, f"{value!r} must be an https:// URL")
-    return value
-
-
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    text = _value(env, name)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise IntuneConfigError(name, f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise IntuneConfigError(name, "must be positive")
-    return value
-
-
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
-    text = _value(env, name)
-    if text is None:
-        return default
-    if not text.isdigit() or int(text) > 5:
-        raise IntuneConfigError(name, f"{text!r} must be a whole number from 0 to 5")
-    return int(text)
 
 
 # Results and errors

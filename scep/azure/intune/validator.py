@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -18,10 +16,8 @@ from scep import PRODUCT
 from scep.azure.intune import (
     HResult,
     IntuneClient,
-    IntuneConfigError,
     IntuneError,
     IntuneResult,
-    build_intune_client,
 )
 from scep.azure.intune.client import MAX_ERROR_DESCRIPTION
 from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
@@ -32,7 +28,6 @@ __all__ = [
     "HResult",
     "IntuneValidator",
     "UNAVAILABLE",
-    "build_intune_validator",
     "certificate_thumbprint",
     "serial_number_hex",
 ]
@@ -225,29 +220,3 @@ def _redact(text: str, request: EnrollmentRequest) -> str:
     if request.challenge and request.challenge in text:
         text = text.replace(request.challenge, "[challenge]")
     return text
-
-
-def build_intune_validator(settings: Any) -> IntuneValidator:
-    """The validator for SCEP_CHALLENGE_MODE=intune, from settings (a mapping of environment-style names,
-    or an object with such a mapping in `.values`). Raises IntuneConfigError naming a wrong setting."""
-    env: Mapping[str, str] = settings if isinstance(settings, Mapping) else settings.values
-    return IntuneValidator(
-        build_intune_client(env),
-        allow_renewal_without_challenge=_flag(env, "INTUNE_ALLOW_RENEWAL_WITHOUT_CHALLENGE"),
-        ca_configuration=_text(env, "INTUNE_CA_CONFIGURATION"),
-        certificate_authority=_text(env, "INTUNE_CERTIFICATE_AUTHORITY"),
-    )
-
-
-def _text(env: Mapping[str, str], name: str) -> str | None:
-    value = (env.get(name) or "").strip()
-    return value or None
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = (_text(env, name) or "false").lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise IntuneConfigError(name, f"must be true or false, not {value!r}")
