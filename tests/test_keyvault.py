@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from scep.azure.identity import build_credential, needs_instance_discovery_disabled
 from scep.azure.intune import SecretSource
 from scep.azure.keyvault import KeyVaultHome
+from scep.azure.vault_clients import KeyVaultClients, VaultPipeline
 from scep.azure.vault_secrets import SecretError, SecretReader
 from scep.core.issuer import sign_certificate
 from scep.keys import (
@@ -90,14 +91,20 @@ def no_leftover_faults(vault: KeyVaultEmulator) -> Iterator[None]:
     vault.fail_transiently(0)
 
 
+def vault_clients(
+    vault: KeyVaultEmulator, identity: str = MANAGED_IDENTITY, verify: bool = False, **pipeline: object
+) -> KeyVaultClients:
+    settings = VaultPipeline(verify_challenge_resource=verify, **pipeline)  # type: ignore[arg-type]
+    return KeyVaultClients(vault.url, build_credential(identity), settings)
+
+
 def make_home(vault: KeyVaultEmulator, ca_name: str | None = None, **kwargs: object) -> KeyVaultHome:
     unique = uuid.uuid4().hex[:8]
+    pipeline = {name: kwargs.pop(name) for name in ("retry_total", *FAST_RETRIES) if name in kwargs}
     return KeyVaultHome(
-        vault.url,
+        vault_clients(vault, **pipeline),
         ca_name=ca_name or f"ca-{unique}",
         ra_name=kwargs.pop("ra_name", None) or f"ra-{unique}",  # type: ignore[arg-type]
-        credential=build_credential(MANAGED_IDENTITY),
-        verify_challenge_resource=False,
         poll_interval=0.01,
         **kwargs,  # type: ignore[arg-type]
     )
@@ -543,20 +550,13 @@ def test_refused_identity_is_a_custody_error(vault: KeyVaultEmulator, entra: Ent
     identity = str(uuid.uuid4())
     entra.register_managed_identity(identity, str(uuid.uuid4()))
     entra.refuse(identity)
-    home = KeyVaultHome(
-        vault.url,
-        ca_name="refused-ca",
-        ra_name="refused-ra",
-        credential=build_credential(identity),
-        verify_challenge_resource=False,
-        **FAST_RETRIES,  # type: ignore[arg-type]
-    )
+    home = KeyVaultHome(vault_clients(vault, identity, **FAST_RETRIES), ca_name="refused-ca", ra_name="refused-ra")
     with pytest.raises(CustodyError):
         home.keys()
 
 
 def test_challenge_resource_is_verified_unless_turned_off(vault: KeyVaultEmulator) -> None:
-    strict = KeyVaultHome(vault.url, ca_name="strict-ca", credential=build_credential(MANAGED_IDENTITY))
+    strict = KeyVaultHome(vault_clients(vault, verify=True), ca_name="strict-ca")
     with pytest.raises(CustodyError):
         strict.keys()
 
@@ -570,7 +570,7 @@ def test_secret_reader_caches_and_refreshes_after_rotation(vault: KeyVaultEmulat
     admin = SecretClient(vault.url, build_credential(MANAGED_IDENTITY), verify_challenge_resource=False)
     name = f"intune-secret-{uuid.uuid4().hex[:6]}"
     admin.set_secret(name, "first")
-    reader = SecretReader(vault.url, build_credential(MANAGED_IDENTITY), verify_challenge_resource=False)
+    reader = SecretReader(vault_clients(vault))
     assert reader.get(name) == "first"
     admin.set_secret(name, "second")
     vault.reset_counts()
@@ -589,9 +589,9 @@ def test_secret_reader_caches_and_refreshes_after_rotation(vault: KeyVaultEmulat
 
 
 def test_instance_discovery_is_disabled_for_the_emulator(entra: EntraEmulator) -> None:
-    assert needs_instance_discovery_disabled({"AZURE_AUTHORITY_HOST": entra.url})
-    assert not needs_instance_discovery_disabled({"AZURE_AUTHORITY_HOST": "https://login.microsoftonline.com"})
-    assert not needs_instance_discovery_disabled({})
+    assert needs_instance_discovery_disabled(entra.url)
+    assert not needs_instance_discovery_disabled("https://login.microsoftonline.com")
+    assert not needs_instance_discovery_disabled(None)
 
 
 def test_verify_token_rejects_wrong_audience_expired_and_revoked(entra: EntraEmulator) -> None:
@@ -782,10 +782,7 @@ def test_doctor_keeps_the_rbac_message_for_an_rbac_denial(vault: KeyVaultEmulato
     entra.register_managed_identity(identity, principal)
     home = make_home(vault)
     init_ca_and_ra(home, KeySpec("RSA", 2048))
-    denied = KeyVaultHome(
-        vault.url, ca_name=home.ca_name, ra_name=home.ra_name, credential=build_credential(identity),
-        verify_challenge_resource=False,
-    )
+    denied = KeyVaultHome(vault_clients(vault, identity), ca_name=home.ca_name, ra_name=home.ra_name)
     keys = denied.keys()
     vault.forbid(principal)
     with time_budget(2.0):
