@@ -147,14 +147,13 @@ def _serve(args) -> int:
     from scep.core import maintenance
     from scep.http.serving import ScepServer
 
-    if args.data_dir:
-        os.environ["SCEP_DATA_DIR"] = args.data_dir
-    if args.log_level:
-        os.environ["SCEP_LOG_LEVEL"] = args.log_level  # the workers set the product's level from it
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
-    generated = _ensure_challenge()
-    settings = config.load_settings()
+    overrides = {name: value for name, value in (("SCEP_DATA_DIR", args.data_dir), ("SCEP_LOG_LEVEL", args.log_level))
+                 if value}
+    generated = _generated_challenge(config.load_settings(overrides=overrides, for_serving=False))
+    settings = config.load_settings(overrides=dict(overrides, SCEP_CHALLENGE=generated) if generated else overrides)
+    config.reset(settings)  # the forked workers inherit these settings
     home = config.build_key_home(settings)
     created = config.ensure_local_ca(settings, home)
     store = config.build_store(settings)
@@ -178,15 +177,12 @@ def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _ensure_challenge() -> str | None:
+def _generated_challenge(settings: config.Settings) -> str | None:
     """A generated static challenge when none is set (the embedded default); None otherwise."""
-    modes = os.environ.get("SCEP_CHALLENGE_MODE", "static")
-    configured = (os.environ.get(name, "").strip() for name in ("SCEP_CHALLENGE", "SCEP_CHALLENGE_SECRET_NAME"))
-    if "static" not in modes.lower() or any(configured):
+    challenge = settings.challenge
+    if "static" not in challenge.modes or challenge.static or challenge.static_secret_name:
         return None
-    challenge = secrets.token_urlsafe(18)
-    os.environ["SCEP_CHALLENGE"] = challenge
-    return challenge
+    return secrets.token_urlsafe(18)
 
 
 def _print_banner(
