@@ -24,13 +24,13 @@ from scep.azure.intune.validator import (
     FAIL_INFO_BY_CODE,
     UNAVAILABLE,
     IntuneValidator,
-    certificate_thumbprint,
     serial_number_hex,
 )
 from scep.challenge import EnrollmentRequest, NotificationFailed
 from scep.challenge.composite import CompositeValidator
 from scep.challenge.static import StaticValidator
 from scep.config import ConfigError, build_validator, load_settings
+from scep.core.der import fingerprint
 from scep.core.protocol import FailInfo
 from tests.emulators.intune import ChallengeCodec, IntuneTestbed, build_csr
 
@@ -348,7 +348,7 @@ def test_thumbprint_and_serial_formats() -> None:
     certificate = issued_certificate(request, serial=0x7F01)
     assert serial_number_hex(certificate) == "7F01"
     assert serial_number_hex(issued_certificate(request, serial=0xFF)) == "00FF"
-    thumbprint = certificate_thumbprint(certificate)
+    thumbprint = fingerprint(certificate, "sha1")  # what successNotification reports
     assert len(thumbprint) == 40 and thumbprint == thumbprint.upper()
     assert thumbprint == certificate.fingerprint(hashes.SHA1()).hex().upper()
 

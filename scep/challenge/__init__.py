@@ -8,6 +8,7 @@ from enum import IntEnum
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.x509.oid import AttributeOID
 
 from scep.core.protocol import FailInfo
 
@@ -20,6 +21,16 @@ class HResult(IntEnum):
 
     E_FAIL = 0x80004005  # the CA could not issue (key custody or store failure; step-ca signing failure)
     CERTSRV_E_UNSUPPORTED_CERT_TYPE = 0x80094800  # the request asks for what the issuance profile refuses
+
+
+def challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
+    """The CSR's challengePassword attribute as text, or None when it is absent, unreadable or empty."""
+    try:
+        value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+    except (x509.AttributeNotFound, ValueError):
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text or None
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,8 @@ from datetime import datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import AttributeOID
 
-from scep.challenge import ChallengeValidator, EnrollmentRequest, HResult, NotificationFailed
+from scep.challenge import ChallengeValidator, EnrollmentRequest, HResult, NotificationFailed, challenge_password
 
 logger = logging.getLogger("scep.challenge.webhook")
 
@@ -234,12 +233,10 @@ def _enrollment_request(payload: dict[str, Any], challenge: Any) -> EnrollmentRe
 def _with_challenge_from_csr(request: EnrollmentRequest) -> EnrollmentRequest:
     # The notification body has no challenge; the CSR's challengePassword attribute tells a composite
     # validator which of its members accepted the request.
-    try:
-        value = request.csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
-    except (x509.AttributeNotFound, ValueError):
+    challenge = challenge_password(request.csr)
+    if challenge is None:
         return request
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return EnrollmentRequest(request.transaction_id, request.csr, request.csr_der, text or None, request.renewal)
+    return EnrollmentRequest(request.transaction_id, request.csr, request.csr_der, challenge, request.renewal)
 
 
 def _issued_certificate(payload: dict[str, Any]) -> x509.Certificate | None:

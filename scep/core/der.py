@@ -7,12 +7,15 @@ Object identifiers and algorithm identifiers still come from asn1crypto, encoded
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 
 from asn1crypto import algos, core
 from asn1crypto import parser as asn1_parser
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 SEQUENCE = 0x30
 SET = 0x31
@@ -107,3 +110,8 @@ def elements(content: bytes) -> list[bytes]:
         found.append(content[offset : offset + size])
         offset += size
     return found
+
+
+def fingerprint(certificate: x509.Certificate, algorithm: str = "sha256") -> str:
+    """Upper-case hex digest of the certificate's DER; with "sha1", the thumbprint Windows and Intune show."""
+    return hashlib.new(algorithm, certificate.public_bytes(Encoding.DER)).hexdigest().upper()

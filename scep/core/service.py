@@ -17,10 +17,17 @@ from asn1crypto import csr as asn1_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import AttributeOID
 
-from scep.challenge import ChallengeValidator, EnrollmentRequest, HResult, NotificationFailed, Verdict
+from scep.challenge import (
+    ChallengeValidator,
+    EnrollmentRequest,
+    HResult,
+    NotificationFailed,
+    Verdict,
+    challenge_password,
+)
 from scep.core import message as msg
+from scep.core.der import fingerprint
 from scep.core.issuer import (
     PolicyError,
     Profile,
@@ -157,7 +164,7 @@ class ScepService:
             transaction_id=request.transaction_id,
             csr=csr,
             csr_der=csr_der,
-            challenge=_challenge_password(csr),
+            challenge=challenge_password(csr),
             renewal=renewal is not None,
         )
         claim = self.store.claim(_store_transaction_id(request, renewal), _key_id(csr.public_key()), LEASE)
@@ -409,15 +416,6 @@ def _check_request_key(csr: x509.CertificateSigningRequest, profile: Profile) ->
         raise msg.MessageError(error.fail_info, error.reason) from None
 
 
-def _challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
-    try:
-        value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
-    except (x509.AttributeNotFound, ValueError):
-        return None
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return text or None
-
-
 def _check_renewal_identity(signer: x509.Certificate, csr: x509.CertificateSigningRequest) -> None:
     """A renewal may re-certify what the old certificate said, nothing more."""
     if csr.subject != signer.subject:
@@ -457,7 +455,7 @@ def _record(
         issuer_sha256=hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest(),
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
-        thumbprint_sha1=hashlib.sha1(der).hexdigest().upper(),
+        thumbprint_sha1=fingerprint(certificate, "sha1"),
         der=der,
         status=status,
     )

@@ -6,11 +6,9 @@ never reaches a log line or a failInfoText; log lines carry the SCEP transaction
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from scep import PRODUCT
 from scep.azure.intune import (
@@ -21,6 +19,7 @@ from scep.azure.intune import (
 )
 from scep.azure.intune.client import MAX_ERROR_DESCRIPTION
 from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
+from scep.core.der import fingerprint
 from scep.core.protocol import FailInfo
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "HResult",
     "IntuneValidator",
     "UNAVAILABLE",
-    "certificate_thumbprint",
     "serial_number_hex",
 ]
 
@@ -143,7 +141,7 @@ class IntuneValidator:
             result = self.client.success_notification(
                 request.transaction_id,
                 request.csr_der,
-                thumbprint=certificate_thumbprint(certificate),
+                thumbprint=fingerprint(certificate, "sha1"),
                 serial_number=serial_number_hex(certificate),
                 expires=certificate.not_valid_after_utc,
                 issuing_ca=certificate.issuer.rfc4514_string(),
@@ -191,11 +189,6 @@ class IntuneValidator:
     def _validated_locally(self, request: EnrollmentRequest) -> bool:
         # Renewals accepted without a challenge never went through Intune: there is nothing to report.
         return request.renewal and not request.challenge and self.allow_renewal_without_challenge
-
-
-def certificate_thumbprint(certificate: x509.Certificate) -> str:
-    """SHA-1 of the DER, upper-case hex: the form Windows and the Intune admin center show."""
-    return hashlib.sha1(certificate.public_bytes(Encoding.DER)).hexdigest().upper()
 
 
 def serial_number_hex(certificate: x509.Certificate) -> str:
