@@ -104,6 +104,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_WEBHOOK_IDS", "", "Optional: the X-Smallstep-Webhook-ID values served."),
     Setting("SCEP_LOG_LEVEL", "", "debug, info, warning or error (empty: warning for `scep`, the host's in Azure)."),
     Setting("SCEP_RA_RENEW_DAYS", "30", "Renew the RA automatically when it expires within this many days (1-365)."),
+    Setting("SCEP_ADMIN_AUTH", "credential", "Admin API sign-in: credential (local) or entra.", azure=True),
+    Setting("SCEP_ADMIN_TENANT_ID", "", "Entra tenant whose tokens the admin API accepts.", azure=True),
+    Setting("SCEP_ADMIN_AUDIENCE", "", "Admin app registration: client ID and Application ID URI.", azure=True),
+    Setting("SCEP_ADMIN_ROLE", "SCEP.Admin", "App role an Entra token must carry for the admin API."),
+    Setting("SCEP_ADMIN_AUTHORITY_HOST", "https://login.microsoftonline.com", "Entra authority of admin tokens."),
+    Setting("SCEP_ADMIN_SESSION_MINUTES", "60", "Lifetime of an admin browser session (5-1440)."),
 )
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
@@ -113,6 +119,7 @@ MODES = ("static", "intune")
 STORES = ("sqlite", "tables", "auto")
 CREDENTIALS = ("default", "azd")
 INTUNE_AUTH_MODES = ("secret", "certificate", "managed-identity", "federated")
+ADMIN_AUTH_MODES = ("credential", "entra")
 MIN_RSA_KEY_BITS_RANGE = (1024, 4096)  # Intune's SCEP profiles offer 1024, 2048 and 4096 bits
 
 
@@ -186,6 +193,18 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class AdminSettings:
+    """Who may call the admin API: the local credential in the data directory, or Entra ID access tokens."""
+
+    mode: str  # one of ADMIN_AUTH_MODES
+    tenant_id: str
+    audiences: tuple[str, ...]
+    role: str
+    authority_host: str
+    session_seconds: int
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the process, parsed and checked once by load_settings."""
 
@@ -198,6 +217,7 @@ class Settings:
     webhooks: WebhookSettings
     log_level: str | None  # None: the caller's default applies
     ra_renew_days: int
+    admin: AdminSettings
 
     @property
     def data_dir(self) -> Path:
@@ -316,9 +336,27 @@ def load_settings(
         ),
         log_level=_log_level(read),
         ra_renew_days=read.count("SCEP_RA_RENEW_DAYS", 1, 365),
+        admin=_admin_settings(read),
     )
     if for_serving:
         _check_serving(settings)
+    return settings
+
+
+def _admin_settings(read: _Reader) -> AdminSettings:
+    settings = AdminSettings(
+        mode=read.choice("SCEP_ADMIN_AUTH", ADMIN_AUTH_MODES),
+        tenant_id=read.text("SCEP_ADMIN_TENANT_ID"),
+        audiences=read.items("SCEP_ADMIN_AUDIENCE"),
+        role=read.text("SCEP_ADMIN_ROLE"),
+        authority_host=read.url("SCEP_ADMIN_AUTHORITY_HOST").rstrip("/"),
+        session_seconds=read.count("SCEP_ADMIN_SESSION_MINUTES", 5, 1440) * 60,
+    )
+    if settings.mode == "entra":
+        if not re.fullmatch(r"[0-9a-fA-F-]{36}|[A-Za-z0-9.-]+\.[A-Za-z]+", settings.tenant_id):
+            raise ConfigError("SCEP_ADMIN_TENANT_ID", "must be the tenant's ID (a GUID) with SCEP_ADMIN_AUTH=entra")
+        if not settings.audiences:
+            raise ConfigError("SCEP_ADMIN_AUDIENCE", "is required with SCEP_ADMIN_AUTH=entra")
     return settings
 
 

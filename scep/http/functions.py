@@ -22,7 +22,8 @@ MAINTENANCE_SCHEDULE = "0 17 3 * * *"
 
 
 def request_of(req: func.HttpRequest) -> web.Request:
-    return web.Request(req.method, urlsplit(req.url).path, req.params, req.headers, req.get_body() or b"")
+    url = urlsplit(req.url)
+    return web.Request(req.method, url.path, req.params, req.headers, req.get_body() or b"", url.scheme or "http")
 
 
 def response_of(reply: web.HttpReply) -> func.HttpResponse:

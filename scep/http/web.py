@@ -207,6 +207,7 @@ class Request:
     params: Mapping[str, str] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    scheme: str = "http"  # as the server received it: "https" directly or behind a proxy it trusts
 
 
 class Backend(Protocol):

@@ -53,7 +53,7 @@ def request_of(environ: dict[str, Any], body: bytes) -> web.Request:
     for name, value in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
         params.setdefault(name, value)  # the first value of a repeated name, as on the Functions host
     return web.Request(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "/"), params,
-                       headers_of(environ), body)
+                       headers_of(environ), body, environ.get("wsgi.url_scheme", "http"))
 
 
 def headers_of(environ: dict[str, Any]) -> dict[str, str]:
