@@ -26,6 +26,7 @@ from scep.core.issuer import fingerprint
 from scep.core.maintenance import Expiry, ExpiryState, expiry_of
 from scep.core.message import MalformedMessage
 from scep.core.service import ScepService
+from scep.http import status
 from scep.keys import CustodyError
 from scep.store import StoreError
 
@@ -36,6 +37,7 @@ CONTENT_PKI_MESSAGE = "application/x-pki-message"
 CONTENT_CA_RA = "application/x-x509-ca-ra-cert"
 CONTENT_NEXT_CA = "application/x-x509-next-ca-cert"
 CONTENT_TEXT = "text/plain; charset=utf-8"
+CONTENT_HTML = "text/html; charset=utf-8"
 _BASE64_JUNK = re.compile(rb"[\s]")
 
 
@@ -247,6 +249,11 @@ def _ca_der(backend: Backend, request: Request) -> HttpReply:
     return ca_download(backend.service(), "der")
 
 
+def _status(backend: Backend, request: Request) -> HttpReply:
+    page = status.public_page(backend.service(), request.headers)
+    return HttpReply(200, page.encode("utf-8"), CONTENT_HTML, {"Cache-Control": "no-store"})
+
+
 def _webhook(backend: Backend, request: Request, kind: str) -> HttpReply:
     handler = backend.webhooks()
     if handler is None:
@@ -281,6 +288,7 @@ ROUTES: tuple[Route, ...] = (
     Route("ca_pem", "api/ca.pem", ("GET",), _ca_pem),
     Route("ca_der", "api/ca.der", ("GET",), _ca_der),
     Route("ca_crt", "api/ca.crt", ("GET",), _ca_der),
+    Route("status", "status", ("GET",), _status),
     Route("webhook_scepchallenge", "api/webhook/scepchallenge", ("POST",), _webhook_challenge),
     Route("webhook_notify", "api/webhook/notify", ("POST",), _webhook_notify),
 )

@@ -7,15 +7,20 @@ never reaches a log line or a failInfoText; log lines carry the SCEP transaction
 from __future__ import annotations
 
 import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from cryptography import x509
 
 from scep import PRODUCT
 from scep.azure.intune import (
     HResult,
+    IntuneAuthenticationError,
     IntuneClient,
     IntuneError,
     IntuneResult,
+    IntuneServiceNotFound,
 )
 from scep.azure.intune.client import MAX_ERROR_DESCRIPTION
 from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
@@ -25,6 +30,8 @@ from scep.core.protocol import FailInfo
 __all__ = [
     "FAIL_INFO_BY_CODE",
     "HResult",
+    "IntuneCall",
+    "IntuneCalls",
     "IntuneValidator",
     "UNAVAILABLE",
     "serial_number_hex",
@@ -66,6 +73,55 @@ FAIL_INFO_BY_CODE: dict[str, FailInfo] = {
 }
 
 
+@dataclass(frozen=True)
+class IntuneCall:
+    """The outcome of one call to Intune, as the status page shows it (never the challenge).
+
+    answered: Intune answered (with any code); error: the IntuneError's class when it did not (token, discovery,
+    connection or HTTP trouble), with its first line in detail.
+    """
+
+    operation: str  # "validateRequest" or "successNotification"
+    at: datetime
+    answered: bool
+    code: str = ""
+    error: str = ""
+    detail: str = ""
+
+    @property
+    def token_failed(self) -> bool:
+        return self.error == IntuneAuthenticationError.__name__
+
+    @property
+    def discovery_failed(self) -> bool:
+        return self.error == IntuneServiceNotFound.__name__
+
+
+class IntuneCalls:
+    """The last outcome of each Intune operation in this process: what the status page reads, so that a page
+    view never calls Intune."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, IntuneCall] = {}
+
+    def answered(self, operation: str, result: IntuneResult) -> None:
+        self._record(IntuneCall(operation, datetime.now(timezone.utc), True, code=result.code))
+
+    def failed(self, operation: str, error: IntuneError, detail: str) -> None:
+        first_line = detail.splitlines()[0] if detail else ""
+        self._record(IntuneCall(operation, datetime.now(timezone.utc), False, error=type(error).__name__,
+                                detail=first_line[:MAX_ERROR_DESCRIPTION]))
+
+    def last(self, operation: str) -> IntuneCall | None:
+        with self._lock:
+            return self._last.get(operation)
+
+    def _record(self, call: IntuneCall) -> None:
+        with self._lock:
+            self._last[call.operation] = call
+
+
 class IntuneValidator:
     """ChallengeValidator backed by Intune's SCEP validation service.
 
@@ -93,6 +149,7 @@ class IntuneValidator:
         self.allow_renewal_without_challenge = allow_renewal_without_challenge
         self.ca_configuration = ca_configuration
         self.certificate_authority = certificate_authority
+        self.calls = IntuneCalls()
 
     def validate(self, request: EnrollmentRequest) -> Verdict:
         if not request.challenge:
@@ -100,13 +157,16 @@ class IntuneValidator:
         try:
             result = self.client.validate_request(request.transaction_id, request.csr_der)
         except IntuneError as error:
+            detail = _redact(str(error), request)
+            self.calls.failed("validateRequest", error, detail)
             logger.warning(
                 "Intune validation failed: transaction=%s error=%s: %s",
                 request.transaction_id,
                 type(error).__name__,
-                _redact(str(error), request),
+                detail,
             )
             return Verdict(False, FailInfo.BAD_REQUEST, UNAVAILABLE)
+        self.calls.answered("validateRequest", result)
         return self._verdict(request, result)
 
     def _without_challenge(self, request: EnrollmentRequest) -> Verdict:
@@ -149,13 +209,16 @@ class IntuneValidator:
                 certificate_authority=self.certificate_authority or issuer_name,
             )
         except IntuneError as error:
+            detail = _redact(str(error), request)
+            self.calls.failed("successNotification", error, detail)
             logger.warning(
                 "Intune success notification failed: transaction=%s error=%s: %s",
                 request.transaction_id,
                 type(error).__name__,
-                _redact(str(error), request),
+                detail,
             )
             raise NotificationFailed(f"Intune success notification failed: {type(error).__name__}") from error
+        self.calls.answered("successNotification", result)
         logger.info(
             "Intune success notification: transaction=%s code=%s activity=%s",
             request.transaction_id,

@@ -1,0 +1,329 @@
+"""The status page operators read (`/status`, routed by web.py): public and safe to show anyone (no secrets, no
+challenge, no device data), server-rendered HTML that refreshes itself. Framework-free, as web.py is.
+
+It shows the CA and RA (subject, SHA-256 fingerprint, days to expiry, the next CA after a rollover) with links to
+the CA certificate, the SCEP URL for an Intune profile, the health of each backend (key custody, store, Intune),
+and the version. Every check is cheap and bounded: custody and store are probed in a worker thread with a short
+timeout and the answer is kept for a few seconds, so a stopped vault turns the page to "failing" within one
+refresh instead of hanging it, and many viewers cost one probe. No private-key operation runs for a view, and
+Intune is never called for one: the page shows the last outcome of the Intune calls enrollments made.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Generic, TypeVar, cast
+
+from cryptography import x509
+
+from scep import PRODUCT, __version__
+from scep.azure.intune.validator import IntuneCall, IntuneValidator
+from scep.challenge import ChallengeValidator
+from scep.core.der import fingerprint
+from scep.core.maintenance import Expiry, ExpiryState, expiry_of
+from scep.core.service import ScepService
+from scep.keys import CaKeys, KeyHome, Slot
+
+PROBE_TIMEOUT_SECONDS = 2.0  # a backend that has not answered by then is reported failing
+PROBE_CACHE_SECONDS = 4.0  # one probe serves every view within this time
+REFRESH_SECONDS = 10
+SCEP_PATH = "/api/scep"
+
+T = TypeVar("T")
+
+
+class State(str, Enum):
+    OK = "ok"
+    WARNING = "warning"
+    FAILING = "failing"
+    UNUSED = "not used"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    state: State
+    detail: str
+
+
+@dataclass(frozen=True)
+class ProbeResult(Generic[T]):
+    value: T | None
+    error: str  # empty when the probe answered
+    at: datetime
+
+
+class BoundedProbe(Generic[T]):
+    """Runs a backend call in one worker thread, waits at most `timeout` seconds for it and keeps the outcome for
+    `ttl` seconds. A call that is still hanging is not started again: the probe reports it as failing."""
+
+    def __init__(self, call: Callable[[], T], timeout: float = PROBE_TIMEOUT_SECONDS,
+                 ttl: float = PROBE_CACHE_SECONDS) -> None:
+        self._call = call
+        self._timeout = timeout
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-probe")
+        self._running: Future[T] | None = None
+        self._result: ProbeResult[T] | None = None
+        self._expires = 0.0
+        self.last_value: T | None = None  # the last value the backend gave, for what it showed before it failed
+
+    def result(self) -> ProbeResult[T]:
+        with self._lock:
+            if self._result is not None and time.monotonic() < self._expires:
+                return self._result
+            self._result = self._probe()
+            self._expires = time.monotonic() + self._ttl
+            return self._result
+
+    def _probe(self) -> ProbeResult[T]:
+        if self._running is None or self._running.done():
+            self._running = self._executor.submit(self._call)
+        try:
+            value = self._running.result(timeout=self._timeout)
+        except FutureTimeout:
+            return ProbeResult(None, f"no answer within {self._timeout:g} s", _now())
+        except Exception as error:  # any failure of the backend is what the page reports
+            return ProbeResult(None, _first_line(error), _now())
+        self.last_value = value
+        return ProbeResult(value, "", _now())
+
+
+class StatusProbes:
+    """The probes of one service, built once per worker process."""
+
+    def __init__(self, service: ScepService) -> None:
+        self.service = service
+        self.custody = BoundedProbe(self._read_keys)
+        self.store = BoundedProbe(self._ping_store)
+
+    def _read_keys(self) -> CaKeys:
+        home = cast(KeyHome, self.service.custody)
+        keys = home.keys()  # the cached view, or a refresh when it is due
+        if not home.exists(Slot.CA):  # reaches the vault (or reads the CA file) every time
+            raise LookupError("the CA is missing from custody")
+        return keys
+
+    def _ping_store(self) -> bool:
+        self.service.store.ping()
+        return True
+
+
+_probes: StatusProbes | None = None
+_probes_lock = threading.Lock()
+
+
+def probes_for(service: ScepService) -> StatusProbes:
+    global _probes
+    with _probes_lock:
+        if _probes is None or _probes.service is not service:
+            _probes = StatusProbes(service)
+        return _probes
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def custody_check(service: ScepService, probe: ProbeResult[CaKeys]) -> Check:
+    where = service.custody.describe()
+    if probe.error:
+        return Check("Key custody", State.FAILING, f"{where}: {probe.error}")
+    return Check("Key custody", State.OK, f"{where}: answered at {_clock(probe.at)}")
+
+
+def store_check(service: ScepService, probe: ProbeResult[bool]) -> Check:
+    where = service.store.describe()
+    if probe.error:
+        return Check("Store", State.FAILING, f"{where}: {probe.error}")
+    return Check("Store", State.OK, f"{where}: answered at {_clock(probe.at)}")
+
+
+def intune_checks(validator: ChallengeValidator) -> list[Check]:
+    """Token, service discovery and the last validation, from the outcomes enrollments recorded."""
+    intune = intune_validator(validator)
+    if intune is None:
+        return [Check("Intune", State.UNUSED, "challenges are not validated by Intune (SCEP_CHALLENGE_MODE)")]
+    validation = intune.calls.last("validateRequest")
+    notification = intune.calls.last("successNotification")
+    calls = [call for call in (validation, notification) if call is not None]
+    if not calls:
+        idle = "no enrollment has asked Intune since this worker started"
+        return [Check(name, State.UNUSED, idle) for name in ("Intune token", "Intune service discovery",
+                                                               "Intune validation")]
+    latest = max(calls, key=lambda call: call.at)
+    return [
+        _stage_check("Intune token", latest, latest.token_failed, "token issued"),
+        _stage_check("Intune service discovery", latest, latest.token_failed or latest.discovery_failed,
+                     "ScepRequestValidationFEService found"),
+        _call_check("Intune validation", validation),
+        _call_check("Intune success notification", notification),
+    ]
+
+
+def intune_validator(validator: ChallengeValidator) -> IntuneValidator | None:
+    members: Iterable[ChallengeValidator] = getattr(validator, "validators", (validator,))
+    return next((member for member in members if isinstance(member, IntuneValidator)), None)
+
+
+def _stage_check(name: str, latest: IntuneCall, failed: bool, success: str) -> Check:
+    when = _clock(latest.at)
+    if failed:
+        return Check(name, State.FAILING, f"{latest.error} at {when}: {latest.detail}")
+    return Check(name, State.OK, f"{success} (last call at {when})")
+
+
+def _call_check(name: str, call: IntuneCall | None) -> Check:
+    if call is None:
+        return Check(name, State.UNUSED, "not called since this worker started")
+    when = _clock(call.at)
+    if not call.answered:
+        return Check(name, State.FAILING, f"{call.error} at {when}: {call.detail}")
+    return Check(name, State.OK, f"Intune answered {call.code} at {when}")
+
+
+def expiry_check(expiry: Expiry) -> Check:
+    state = {ExpiryState.OK: State.OK, ExpiryState.EXPIRING: State.WARNING}.get(expiry.state, State.FAILING)
+    return Check(f"{expiry.role} certificate", state, f"{expiry.days_left} days left")
+
+
+# --------------------------------------------------------------------------------------------- page
+
+
+@dataclass(frozen=True)
+class StatusView:
+    version: str
+    scep_url: str
+    checks: list[Check]
+    certificates: list[tuple[str, x509.Certificate, Expiry | None]] = field(default_factory=list)
+    generated: datetime = field(default_factory=lambda: _now())
+
+    @property
+    def overall(self) -> State:
+        states = {check.state for check in self.checks}
+        return next((state for state in (State.FAILING, State.WARNING) if state in states), State.OK)
+
+
+def status_view(service: ScepService, request_headers: Mapping[str, str]) -> StatusView:
+    probes = probes_for(service)
+    keys_probe = probes.custody.result()
+    checks = [custody_check(service, keys_probe), store_check(service, probes.store.result())]
+    checks += intune_checks(service.validator)
+    keys = keys_probe.value or probes.custody.last_value
+    certificates: list[tuple[str, x509.Certificate, Expiry | None]] = []
+    if keys is not None:
+        expiries = expiry_of(keys)
+        checks = [expiry_check(expiry) for expiry in expiries] + checks
+        certificates = [(expiry.role, expiry.certificate, expiry) for expiry in expiries]
+        if keys.next_ca is not None:
+            certificates.append(("Next CA", keys.next_ca.certificate, None))
+    return StatusView(__version__, scep_url(request_headers), checks, certificates)
+
+
+def scep_url(request_headers: Mapping[str, str]) -> str:
+    """The SCEP URL as this request reached the server (a proxy's X-Forwarded-Proto/-Host respected)."""
+    headers = {name.lower(): value for name, value in request_headers.items()}
+    scheme = headers.get("x-forwarded-proto", "").split(",")[0].strip() or "http"
+    host = headers.get("x-forwarded-host", "").split(",")[0].strip() or headers.get("host", "") or "localhost"
+    return f"{scheme}://{host}{SCEP_PATH}"
+
+
+def render(view: StatusView) -> str:
+    rows = "".join(_check_row(check) for check in view.checks)
+    certificates = "".join(_certificate_block(role, certificate, expiry)
+                           for role, certificate, expiry in view.certificates)
+    if not certificates:
+        certificates = "<p class='failing'>The CA certificate cannot be read from custody.</p>"
+    return PAGE.format(
+        title=_e(f"{PRODUCT} status"),
+        refresh=REFRESH_SECONDS,
+        overall=_e(view.overall.value),
+        overall_class=_css(view.overall),
+        generated=_e(_clock(view.generated)),
+        scep_url=_e(view.scep_url),
+        certificates=certificates,
+        rows=rows,
+        version=_e(view.version),
+    )
+
+
+def _check_row(check: Check) -> str:
+    return (f"<tr><th>{_e(check.name)}</th><td class='{_css(check.state)}'>{_e(check.state.value)}</td>"
+            f"<td>{_e(check.detail)}</td></tr>")
+
+
+def _certificate_block(role: str, certificate: x509.Certificate, expiry: Expiry | None) -> str:
+    not_after = certificate.not_valid_after_utc
+    days = f" ({expiry.days_left} days left)" if expiry is not None else ""
+    return (
+        f"<h3>{_e(role)}</h3><dl>"
+        f"<dt>Subject</dt><dd>{_e(certificate.subject.rfc4514_string())}</dd>"
+        f"<dt>SHA-256</dt><dd class='fingerprint'>{_e(fingerprint(certificate))}</dd>"
+        f"<dt>Valid until</dt><dd>{_e(f'{not_after:%Y-%m-%d %H:%M} UTC{days}')}</dd>"
+        "</dl>"
+    )
+
+
+def _css(state: State) -> str:
+    return state.name.lower()
+
+
+def _e(value: str) -> str:
+    return html.escape(value, quote=True)
+
+
+def _clock(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:300]
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{refresh}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ text-align: left; padding: .3em .6em; border-bottom: 1px solid #ddd; vertical-align: top; }}
+dt {{ font-weight: bold; }} dd {{ margin: 0 0 .4em 1em; }}
+.fingerprint, code {{ font-family: ui-monospace, monospace; word-break: break-all; }}
+.ok {{ color: #17692b; }} .warning {{ color: #8a5a00; }} .failing {{ color: #b00020; font-weight: bold; }}
+.unused {{ color: #666; }}
+</style></head>
+<body>
+<h1>{title}: <span id="overall" class="{overall_class}">{overall}</span></h1>
+<p>Checked at {generated}; this page refreshes every {refresh} s.</p>
+<h2>Enrollment</h2>
+<p>SCEP URL for the Intune SCEP certificate profile: <code id="scep-url">{scep_url}</code></p>
+<p>CA certificate for the trusted certificate profile:
+<a href="/api/ca.der">ca.cer (DER)</a> &middot; <a href="/api/ca.pem">ca.pem (PEM)</a></p>
+<h2>Certificates</h2>
+{certificates}
+<h2>Health</h2>
+<table id="health"><tbody>{rows}</tbody></table>
+<p>Version {version}</p>
+</body></html>
+"""
+
+
+def public_page(service: ScepService, request_headers: Mapping[str, str]) -> str:
+    """The public status page as HTML."""
+    return render(status_view(service, request_headers))
