@@ -22,14 +22,19 @@ from azure.core.credentials import AzureNamedKeyCredential
 
 from scep.azure.tables import TableStore
 from scep.store import (
+    CertificateQuery,
     CertStatus,
     Claim,
     ClaimOutcome,
     IssuedCertificate,
+    Revocation,
+    RevocationReason,
     SerialInUse,
     Store,
+    StoredCrl,
     StoreError,
     TxState,
+    UnknownSerial,
 )
 from scep.store.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.azurite import ACCOUNT_KEY, ACCOUNT_NAME
@@ -289,6 +294,194 @@ def test_ping_and_describe(store: Store) -> None:
     assert ("SQLite" in description) or ("Tables" in description)
 
 
+# -- revocation ----------------------------------------------------------------------------------------------
+
+WHEN = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def issue_for(store: Store, issuer: str, subject: str = "", not_after: datetime | None = None) -> IssuedCertificate:
+    transaction_id = new_transaction_id()
+    claim = store.claim(transaction_id, KEY, LEASE)
+    certificate = replace(make_certificate(transaction_id), issuer_sha256=issuer)
+    if subject:
+        certificate = replace(certificate, subject=subject)
+    if not_after is not None:
+        certificate = replace(certificate, not_after=not_after)
+    store.record_issued(claim, certificate)
+    return certificate
+
+
+def test_revoke_records_status_time_and_reason(open_store: OpenStore) -> None:
+    store, other = open_store(), open_store()
+    issuer = os.urandom(32).hex()
+    certificate = issue_for(store, issuer)
+    assert store.revocation_revision(issuer) == 0
+    done = store.revoke(certificate.serial, RevocationReason.KEY_COMPROMISE, WHEN)
+    assert done.already is False
+    assert done.revocation == Revocation(certificate.serial, WHEN, RevocationReason.KEY_COMPROMISE)
+    found = other.certificate_by_serial(certificate.serial)
+    assert found == replace(
+        certificate, status=CertStatus.REVOKED, revoked_at=WHEN, revocation_reason=RevocationReason.KEY_COMPROMISE
+    )
+    assert other.revocation_revision(issuer) == 1
+    listed = other.revocations(issuer)
+    assert listed.revision == 1
+    assert listed.entries == (done.revocation,)
+
+
+def test_revoking_twice_keeps_the_first_time_and_reason(store: Store) -> None:
+    issuer = os.urandom(32).hex()
+    certificate = issue_for(store, issuer)
+    first = store.revoke(certificate.serial, RevocationReason.SUPERSEDED, WHEN)
+    again = store.revoke(certificate.serial, RevocationReason.KEY_COMPROMISE, WHEN + timedelta(days=1))
+    assert again.already is True
+    assert again.revocation == first.revocation
+    assert store.revocation_revision(issuer) == 1
+    assert store.revocations(issuer).entries == (first.revocation,)
+
+
+def test_revoking_an_unknown_serial_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(UnknownSerial, match="no certificate with serial 1234abcd"):
+        store.revoke(0x1234ABCD, RevocationReason.UNSPECIFIED, WHEN)
+    with pytest.raises(UnknownSerial):
+        store.mark_delivered(0x1234ABCD)
+
+
+def test_a_revoked_certificate_stays_revoked(store: Store) -> None:
+    transaction_id = new_transaction_id()
+    claim = store.claim(transaction_id, KEY, LEASE)
+    confirming = replace(make_certificate(transaction_id), status=CertStatus.CONFIRMING)
+    store.record_issued(claim, confirming)
+    store.revoke(confirming.serial, RevocationReason.CESSATION_OF_OPERATION, WHEN)
+    store.mark_delivered(confirming.serial)  # a late acknowledgement does not undo the revocation
+    store.mark_undelivered(confirming.serial)
+    found = store.certificate_by_serial(confirming.serial)
+    assert found is not None and found.status is CertStatus.REVOKED
+    assert store.claim(transaction_id, KEY, LEASE).certificate == found
+
+
+def test_undelivered_certificates_can_be_found_and_revoked(store: Store) -> None:
+    issuer = os.urandom(32).hex()
+    withheld = issue_for(store, issuer)
+    delivered = issue_for(store, issuer)
+    store.mark_undelivered(withheld.serial)
+    page = store.find_certificates(CertificateQuery(status=CertStatus.UNDELIVERED, issuer_sha256=issuer))
+    assert [item.serial for item in page.items] == [withheld.serial]
+    store.revoke(withheld.serial, RevocationReason.CESSATION_OF_OPERATION, WHEN)
+    assert store.find_certificates(CertificateQuery(status=CertStatus.UNDELIVERED, issuer_sha256=issuer)).items == ()
+    assert [entry.serial for entry in store.revocations(issuer).entries] == [withheld.serial]
+    assert store.certificate_by_serial(delivered.serial).status is CertStatus.ISSUED
+
+
+def test_revocations_are_listed_per_issuing_ca(store: Store) -> None:
+    old_ca, new_ca = os.urandom(32).hex(), os.urandom(32).hex()
+    old = [issue_for(store, old_ca) for _ in range(3)]
+    new = [issue_for(store, new_ca) for _ in range(2)]
+    for certificate in (old[0], old[2], new[1]):
+        store.revoke(certificate.serial, RevocationReason.AFFILIATION_CHANGED, WHEN)
+    assert sorted(e.serial for e in store.revocations(old_ca).entries) == sorted([old[0].serial, old[2].serial])
+    assert [e.serial for e in store.revocations(new_ca).entries] == [new[1].serial]
+    assert (store.revocation_revision(old_ca), store.revocation_revision(new_ca)) == (2, 1)
+    assert store.revocations(os.urandom(32).hex()).entries == ()
+
+
+def test_concurrent_revocations_raise_the_revision_once_each(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    issuer = os.urandom(32).hex()
+    certificates = [issue_for(stores[0], issuer) for _ in range(12)]
+    outcomes = _race(12, lambda i: stores[i % 2].revoke(certificates[i].serial, RevocationReason.UNSPECIFIED, WHEN))
+    assert not any(outcome.already for outcome in outcomes)
+    listed = stores[1].revocations(issuer)
+    assert listed.revision == 12
+    assert sorted(entry.serial for entry in listed.entries) == sorted(c.serial for c in certificates)
+
+
+# -- CRL storage -------------------------------------------------------------------------------------------------
+
+
+def make_crl(issuer: str, number: int, revision: int = 0, size: int = 300) -> StoredCrl:
+    return StoredCrl(issuer, number, revision, WHEN, WHEN + timedelta(days=7), os.urandom(size))
+
+
+def test_crl_is_saved_only_with_a_higher_number(open_store: OpenStore) -> None:
+    store, other = open_store(), open_store()
+    issuer = os.urandom(32).hex()
+    assert store.latest_crl(issuer) is None
+    first = make_crl(issuer, 1)
+    assert store.save_crl(first) is True
+    assert other.latest_crl(issuer) == first
+    assert other.save_crl(make_crl(issuer, 1)) is False
+    second = make_crl(issuer, 2, revision=4)
+    assert other.save_crl(second) is True
+    assert store.save_crl(make_crl(issuer, 1)) is False
+    assert store.latest_crl(issuer) == second
+    assert store.latest_crl(os.urandom(32).hex()) is None
+
+
+def test_large_crl_round_trips(store: Store) -> None:
+    issuer = os.urandom(32).hex()
+    big = make_crl(issuer, 7, size=300_000)  # beyond one Tables property and one entity
+    assert store.save_crl(big)
+    assert store.latest_crl(issuer) == big
+    bigger = make_crl(issuer, 8, size=120_000)
+    assert store.save_crl(bigger)
+    assert store.latest_crl(issuer) == bigger
+
+
+def test_concurrent_crl_saves_never_go_backwards(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    issuer = os.urandom(32).hex()
+    candidates = [make_crl(issuer, number, size=60_000) for number in (3, 1, 5, 2, 4, 5, 3, 1)]
+    saved = _race(8, lambda i: stores[i % 2].save_crl(candidates[i]))
+    latest = stores[0].latest_crl(issuer)
+    assert latest is not None and latest.number == 5
+    assert latest in [c for c, ok in zip(candidates, saved, strict=True) if ok]
+    assert sum(1 for c, ok in zip(candidates, saved, strict=True) if ok and c.number == 5) == 1
+
+
+# -- inventory ---------------------------------------------------------------------------------------------------
+
+
+def test_inventory_filters_and_pages(store: Store) -> None:
+    issuer = os.urandom(32).hex()
+    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    tag = uuid.uuid4().hex[:8]
+    made = [
+        issue_for(store, issuer, subject=f"CN={tag}-{index:02d},O=Contoso", not_after=base + timedelta(days=index))
+        for index in range(7)
+    ]
+    store.revoke(made[3].serial, RevocationReason.UNSPECIFIED, WHEN)
+
+    def collect(query: CertificateQuery) -> list[int]:
+        serials, page = [], None
+        while True:
+            result = store.find_certificates(replace(query, page=page, limit=2))
+            assert len(result.items) <= 2
+            serials += [item.serial for item in result.items]
+            if result.next_page is None:
+                return serials
+            page = result.next_page
+
+    everything = collect(CertificateQuery(issuer_sha256=issuer))
+    assert sorted(everything) == sorted(c.serial for c in made) and len(set(everything)) == 7
+    assert sorted(collect(CertificateQuery(subject_prefix=f"CN={tag}-0"))) == sorted(c.serial for c in made)
+    assert collect(CertificateQuery(subject_prefix=f"CN={tag}-05")) == [made[5].serial]
+    assert collect(CertificateQuery(status=CertStatus.REVOKED, issuer_sha256=issuer)) == [made[3].serial]
+    window = CertificateQuery(
+        issuer_sha256=issuer, expires_after=base + timedelta(days=2), expires_before=base + timedelta(days=4)
+    )
+    assert sorted(collect(window)) == sorted([made[2].serial, made[3].serial])
+    assert collect(CertificateQuery(serial=made[6].serial)) == [made[6].serial]
+    assert store.find_certificates(CertificateQuery(serial=made[6].serial)).items[0] == made[6]
+
+
+def test_inventory_refuses_bad_pages(store: Store) -> None:
+    with pytest.raises(ValueError):
+        store.find_certificates(CertificateQuery(page="not a token"))
+    with pytest.raises(ValueError):
+        store.find_certificates(CertificateQuery(limit=0))
+
+
 # -- concurrency ------------------------------------------------------------------------------------------------
 
 
@@ -502,3 +695,87 @@ def test_sqlite_unusable_path_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(StoreError):
         SqliteStore(blocker / "scep.db")
+
+
+_SCHEMA_1_CERTIFICATES = """CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY, transaction_id TEXT NOT NULL, subject TEXT NOT NULL, issuer_sha256 TEXT NOT NULL,
+    not_before TEXT NOT NULL, not_after TEXT NOT NULL, thumbprint_sha1 TEXT NOT NULL, der BLOB NOT NULL,
+    status TEXT NOT NULL, created TEXT NOT NULL)"""
+
+
+def test_sqlite_schema_1_file_is_upgraded_and_its_records_read(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO schema_version VALUES (1)")
+        raw.execute(_SCHEMA_1_CERTIFICATES)
+        raw.execute(
+            "INSERT INTO certificates VALUES (?, 'T1', 'CN=old', ?, '2024-01-01T00:00:00+00:00',"
+            " '2026-01-01T00:00:00+00:00', 'AB', x'3000', 'issued', '2024-01-01T00:00:00+00:00')",
+            (f"{0xABC:040x}", "cd" * 32),
+        )
+    store = SqliteStore(path)
+    old = store.certificate_by_serial(0xABC)
+    assert old is not None and old.subject == "CN=old" and old.issuer_sha256 == "cd" * 32
+    assert old.status is CertStatus.ISSUED and old.revoked_at is None
+    store.revoke(0xABC, RevocationReason.SUPERSEDED, WHEN)
+    assert [entry.serial for entry in store.revocations("cd" * 32).entries] == [0xABC]
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_sqlite_inventory_of_100000_certificates_uses_indexes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from scep.store.sqlite import _INSERT_CERT, _inventory_sql
+
+    path = tmp_path / "big.db"
+    store = SqliteStore(path)
+    issuer = "ef" * 32
+    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    statuses = ["issued"] * 8 + ["revoked", "undelivered"]
+    rows = [
+        (
+            f"{index + 1:040x}",
+            f"T{index}",
+            f"CN=device-{index:06d},O=Contoso",
+            issuer,
+            base.isoformat(),
+            (base + timedelta(minutes=index)).isoformat(),
+            "00",
+            b"\x30\x00",
+            statuses[index % 10],
+            WHEN.isoformat() if statuses[index % 10] == "revoked" else None,
+            "superseded" if statuses[index % 10] == "revoked" else None,
+            base.isoformat(),
+        )
+        for index in range(100_000)
+    ]
+    with sqlite3.connect(path) as raw:
+        raw.executemany(_INSERT_CERT, rows)
+    queries = [
+        CertificateQuery(status=CertStatus.UNDELIVERED),
+        CertificateQuery(subject_prefix="CN=device-0999"),
+        CertificateQuery(expires_after=base + timedelta(days=30)),
+        CertificateQuery(status=CertStatus.REVOKED, issuer_sha256=issuer),
+        CertificateQuery(),
+    ]
+    with sqlite3.connect(path) as raw:
+        for query in queries:
+            sql, parameters = _inventory_sql(replace(query, page=f"{base.isoformat()}|{1:040x}"))
+            steps = [row[-1] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", parameters)]
+            reads = [step for step in steps if step.startswith(("SCAN", "SEARCH"))]
+            assert reads and all("USING INDEX" in step for step in reads), steps
+    page, seen, started = None, 0, time.perf_counter()
+    for _ in range(50):  # fifty pages deep into the undelivered tenth
+        result = store.find_certificates(CertificateQuery(status=CertStatus.UNDELIVERED, limit=100, page=page))
+        assert all(item.status is CertStatus.UNDELIVERED for item in result.items)
+        seen += len(result.items)
+        page = result.next_page
+    assert seen == 5000
+    assert time.perf_counter() - started < 5  # keyset paging: each page is an index range read
+    started = time.perf_counter()
+    assert len(store.revocations(issuer).entries) == 10_000
+    assert time.perf_counter() - started < 5

@@ -7,11 +7,32 @@ instances never both own one transaction and never both issue for it.
 
 Keys: Transactions are partitioned by the SHA-256 of the transactionID (clients choose any characters, some of
 which Tables forbids in keys); Certificates by the fixed-width hex serial. Every lookup is a point read.
+
+Revocation lives in two more tables, partitioned by the issuing CA generation (`issuer_sha256`):
+  {prefix}Revocations  one row per revoked serial (RowKey: the 40-digit hex serial) and a `revision` row, the
+                       CA's revocation counter. A revocation inserts its row and raises the counter in one entity
+                       group transaction (same partition), so the counter never misses a revocation; then the
+                       certificate's own entity is merged to REVOKED. If an instance dies between the two, the
+                       CRL already lists the serial and revoking it again completes the certificate entity.
+                       Listing a CA's revoked serials is one partition scan (1,000 rows per round trip).
+  {prefix}Crls         the latest CRL of each CA: a `latest` row naming the CRL's number and its chunks (rows
+                       `chunk-<token>-<index>` of at most 48 KiB each, as a binary property holds 64 KiB and an
+                       entity 1 MiB), written before the `latest` row is swapped on its ETag; the losing or
+                       replaced chunks are deleted afterwards. A CRL of 100,000 entries (about 3.5 MB) is ~75 rows.
+
+Inventory queries (`find_certificates`): a serial is a point read; every other filter (subject prefix, status,
+issuer, expiry) is a scan of the Certificates table filtered by the service ($filter on the small properties),
+in serial order. Tables reads at most 1,000 entities or 5 seconds per round trip and then returns a continuation
+token, so a sparse filter over 100,000 certificates is up to ~100 round trips for a full sweep; a call here
+makes at most MAX_SCAN_ROUND_TRIPS of them and hands back the continuation as its page token, so an admin page
+stays bounded in time and the next page continues where the service stopped. ("Querying tables and entities",
+"Query timeout and pagination", learn.microsoft.com/rest/api/storageservices.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -24,23 +45,34 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential, TokenCredential
 from azure.core.exceptions import (
+    AzureError,
     HttpResponseError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
 
 from scep.azure.errors import translated
 from scep.store import (
+    MAX_PAGE_SIZE,
     MAX_REASON_CHARS,
+    CertificatePage,
+    CertificateQuery,
     CertStatus,
     Claim,
     ClaimOutcome,
     IssuedCertificate,
+    Revocation,
+    RevocationList,
+    RevocationReason,
+    Revoked,
     SerialInUse,
+    StoredCrl,
     StoreError,
     TxState,
+    UnknownSerial,
+    prefix_end,
     serial_text,
     utc,
 )
@@ -49,6 +81,10 @@ MAX_PROPERTY_BYTES = 64 * 1024  # Azure Tables limit for one binary property
 MAX_RACES = 8  # re-read-and-decide rounds before a claim or finish gives up
 TX_ROW = "tx"
 CERT_ROW = "cert"
+REVISION_ROW = "revision"  # sorts after every 40-hex-digit serial row of a Revocations partition
+LATEST_ROW = "latest"
+CRL_CHUNK_BYTES = 48 * 1024
+MAX_SCAN_ROUND_TRIPS = 5
 
 # Transient failures (timeouts, 408/429/5xx, dropped connections) are retried by azure-core's retry policy.
 _CLIENT_OPTIONS: dict[str, Any] = {
@@ -83,12 +119,16 @@ class TableStore:
             raise ValueError("table prefix must be 1-51 letters and digits, starting with a letter")
         self.transactions_table = f"{table_prefix}Transactions"
         self.certificates_table = f"{table_prefix}Certificates"
+        self.revocations_table = f"{table_prefix}Revocations"
+        self.crls_table = f"{table_prefix}Crls"
         self._build_service = build_service
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._endpoint = build_service().url  # parses the settings now, so mistakes surface at start-up
         self._tx: TableClient
         self._certs: TableClient
+        self._revocations: TableClient
+        self._crls: TableClient
 
     # -- clients -----------------------------------------------------------------------------------------
 
@@ -99,10 +139,12 @@ class TableStore:
         with self._lock:
             if self._pid != os.getpid():
                 service = self._build_service()
-                for name in (self.transactions_table, self.certificates_table):
+                for name in (self.transactions_table, self.certificates_table, self.revocations_table, self.crls_table):
                     _create_table(service, name)
                 self._tx = service.get_table_client(self.transactions_table)
                 self._certs = service.get_table_client(self.certificates_table)
+                self._revocations = service.get_table_client(self.revocations_table)
+                self._crls = service.get_table_client(self.crls_table)
                 self._pid = os.getpid()
         return self._tx, self._certs
 
@@ -217,12 +259,180 @@ class TableStore:
     # -- helpers -----------------------------------------------------------------------------------------
 
     def _set_status(self, serial: int, status: CertStatus) -> None:
+        """Merge the status on the ETag read, so a revocation made meanwhile is never overwritten."""
+        key = serial_text(serial)
         with _azure_errors(f"marking certificate {serial:x} {status.value}"):
             _, certs = self._clients()
+            for _ in range(MAX_RACES):
+                current = _get(certs, key, CERT_ROW)
+                if current is None:
+                    raise UnknownSerial(f"no certificate with serial {serial:x} is recorded")
+                if current["Status"] == CertStatus.REVOKED.value:
+                    return
+                try:
+                    certs.update_entity(
+                        _cert_status_patch(key, status),
+                        mode=UpdateMode.MERGE,
+                        etag=current.metadata["etag"],
+                        match_condition=MatchConditions.IfNotModified,
+                    )
+                    return
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    continue
+        raise StoreError(f"marking certificate {serial:x} {status.value} lost {MAX_RACES} races in a row")
+
+    # -- revocation ----------------------------------------------------------------------------------------
+
+    def revoke(self, serial: int, reason: RevocationReason, when: datetime) -> Revoked:
+        key = serial_text(serial)
+        wanted = Revocation(serial, utc(when), RevocationReason(reason))
+        with _azure_errors(f"revoking certificate {serial:x}"):
+            _, certs = self._clients()
+            entity = _get(certs, key, CERT_ROW)
+            if entity is None:
+                raise UnknownSerial(f"no certificate with serial {serial:x} is recorded")
+            if entity["Status"] == CertStatus.REVOKED.value:
+                return Revoked(_revocation_from(key, entity), already=True)
+            recorded, created = self._record_revocation(entity["IssuerSha256"], wanted)
+            patch = {
+                **_cert_status_patch(key, CertStatus.REVOKED),
+                "RevokedAt": recorded.revoked_at,
+                "RevocationReason": recorded.reason.value,
+            }
+            certs.update_entity(patch, mode=UpdateMode.MERGE)
+        return Revoked(recorded, already=not created)
+
+    def _record_revocation(self, issuer: str, wanted: Revocation) -> tuple[Revocation, bool]:
+        """The revocation row and the raised revision in one entity group transaction; (recorded, created)."""
+        row_key = serial_text(wanted.serial)
+        row = {
+            "PartitionKey": issuer,
+            "RowKey": row_key,
+            "RevokedAt": wanted.revoked_at,
+            "RevocationReason": wanted.reason.value,
+        }
+        for _ in range(MAX_RACES):
+            existing = _get(self._revocations, issuer, row_key)
+            if existing is not None:
+                return _revocation_from(row_key, existing), False  # a revocation cut off half-way
+            counter = _get(self._revocations, issuer, REVISION_ROW)
             try:
-                certs.update_entity(_cert_status_patch(serial_text(serial), status), mode=UpdateMode.MERGE)
-            except ResourceNotFoundError:
-                raise StoreError(f"no certificate with serial {serial:x} is recorded") from None
+                self._revocations.submit_transaction([("create", row), _raise_revision(issuer, counter)])
+                return wanted, True
+            except TableTransactionError:
+                continue  # another revocation of this CA (or of this serial) went first: read again
+        raise StoreError(f"revoking certificate {wanted.serial:x} lost {MAX_RACES} races in a row")
+
+    def revocations(self, issuer_sha256: str) -> RevocationList:
+        with _azure_errors("listing revoked certificates"):
+            self._clients()
+            revision = self._revision(issuer_sha256)  # read first: the rows listed are at least this revision's
+            rows = self._revocations.query_entities(
+                "PartitionKey eq @issuer and RowKey ne @revision",
+                parameters={"issuer": issuer_sha256, "revision": REVISION_ROW},
+                select=["RowKey", "RevokedAt", "RevocationReason"],
+                results_per_page=1000,
+            )
+            entries = tuple(_revocation_from(row["RowKey"], row) for row in rows)
+        return RevocationList(revision, entries)
+
+    def revocation_revision(self, issuer_sha256: str) -> int:
+        with _azure_errors("reading the revocation revision"):
+            self._clients()
+            return self._revision(issuer_sha256)
+
+    def _revision(self, issuer_sha256: str) -> int:
+        counter = _get(self._revocations, issuer_sha256, REVISION_ROW)
+        return 0 if counter is None else _int(counter["Revision"])
+
+    def latest_crl(self, issuer_sha256: str) -> StoredCrl | None:
+        with _azure_errors("reading the CRL"):
+            self._clients()
+            for _ in range(MAX_RACES):
+                pointer = _get(self._crls, issuer_sha256, LATEST_ROW)
+                if pointer is None:
+                    return None
+                chunks = [row["Der"] for row in self._chunks(issuer_sha256, pointer["Token"])]
+                if len(chunks) == _int(pointer["Chunks"]):
+                    return _crl_from(issuer_sha256, pointer, b"".join(bytes(chunk) for chunk in chunks))
+                # replaced (and its chunks deleted) between the two reads: read the new one
+        raise StoreError(f"reading the CRL lost {MAX_RACES} races in a row")
+
+    def save_crl(self, crl: StoredCrl) -> bool:
+        token = secrets.token_hex(8)
+        with _azure_errors(f"saving CRL {crl.number}"):
+            self._clients()
+            written = False
+            for _ in range(MAX_RACES):
+                pointer = _get(self._crls, crl.issuer_sha256, LATEST_ROW)
+                if pointer is not None and _int(pointer["Number"]) >= crl.number:
+                    if written:
+                        self._delete_chunks(crl.issuer_sha256, token)
+                    return False
+                if not written:
+                    chunk_count = self._write_chunks(crl, token)
+                    written = True
+                if self._swap_pointer(crl, pointer, _pointer_entity(crl, token, chunk_count)):
+                    if pointer is not None:
+                        self._delete_chunks(crl.issuer_sha256, pointer["Token"])
+                    return True
+        raise StoreError(f"saving CRL {crl.number} lost {MAX_RACES} races in a row")
+
+    def _write_chunks(self, crl: StoredCrl, token: str) -> int:
+        pieces = [crl.der[start : start + CRL_CHUNK_BYTES] for start in range(0, len(crl.der), CRL_CHUNK_BYTES)]
+        for index, piece in enumerate(pieces):
+            self._crls.upsert_entity(
+                {"PartitionKey": crl.issuer_sha256, "RowKey": _chunk_row(token, index), "Der": piece}
+            )
+        return len(pieces)
+
+    def _swap_pointer(self, crl: StoredCrl, pointer: Any, replacement: dict[str, Any]) -> bool:
+        try:
+            if pointer is None:
+                self._crls.create_entity(replacement)
+            else:
+                self._crls.update_entity(
+                    replacement,
+                    mode=UpdateMode.REPLACE,
+                    etag=pointer.metadata["etag"],
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            return True
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+            return False
+
+    def _chunks(self, issuer_sha256: str, token: str) -> Any:
+        return self._crls.query_entities(
+            "PartitionKey eq @issuer and RowKey ge @first and RowKey lt @end",
+            parameters={"issuer": issuer_sha256, "first": _chunk_row(token, 0), "end": prefix_end(f"chunk-{token}-")},
+            select=["RowKey", "Der"],
+        )
+
+    def _delete_chunks(self, issuer_sha256: str, token: str) -> None:
+        """Remove the chunks of a CRL nobody points at; a failure leaves garbage rows, never a wrong CRL."""
+        try:
+            for row in self._chunks(issuer_sha256, token):
+                self._crls.delete_entity(issuer_sha256, row["RowKey"])
+        except AzureError:
+            pass
+
+    # -- inventory -----------------------------------------------------------------------------------------
+
+    def find_certificates(self, query: CertificateQuery) -> CertificatePage:
+        if not 1 <= query.limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"page size must be 1 to {MAX_PAGE_SIZE}")
+        query_filter, parameters = _inventory_filter(query)
+        continuation = _continuation_from(query.page)
+        with _azure_errors("listing certificates"):
+            _, certs = self._clients()
+            pages = certs.query_entities(query_filter, parameters=parameters, results_per_page=query.limit)
+            for _ in range(MAX_SCAN_ROUND_TRIPS):
+                pager = pages.by_page(continuation_token=continuation)
+                items = tuple(_certificate_from(entity) for entity in next(pager, []))
+                continuation = pager.continuation_token
+                if items or continuation is None:
+                    break
+        return CertificatePage(items, None if continuation is None else json.dumps(continuation))
 
     @staticmethod
     def _decide(
@@ -337,6 +547,8 @@ def _certificate_entity(certificate: IssuedCertificate, serial: str) -> dict[str
 
 
 def _certificate_from(entity: Mapping[str, Any]) -> IssuedCertificate:
+    revoked_at = entity.get("RevokedAt")
+    reason = entity.get("RevocationReason")
     return IssuedCertificate(
         serial=int(entity["PartitionKey"], 16),
         transaction_id=entity["TransactionId"],
@@ -347,7 +559,98 @@ def _certificate_from(entity: Mapping[str, Any]) -> IssuedCertificate:
         thumbprint_sha1=entity["ThumbprintSha1"],
         der=bytes(entity["Der"]),
         status=CertStatus(entity["Status"]),
+        revoked_at=None if revoked_at is None else _plain_datetime(revoked_at),
+        revocation_reason=None if reason is None else RevocationReason(reason),
     )
+
+
+def _revocation_from(serial: str, entity: Mapping[str, Any]) -> Revocation:
+    return Revocation(
+        int(serial, 16), _plain_datetime(entity["RevokedAt"]), RevocationReason(entity["RevocationReason"])
+    )
+
+
+def _raise_revision(issuer: str, counter: Any) -> tuple:
+    """The batch operation that takes the CA's revision from what was read to one more (on the read ETag)."""
+    if counter is None:
+        return ("create", {"PartitionKey": issuer, "RowKey": REVISION_ROW, "Revision": 1})
+    raised = {"PartitionKey": issuer, "RowKey": REVISION_ROW, "Revision": _int(counter["Revision"]) + 1}
+    options = {
+        "mode": UpdateMode.REPLACE,
+        "etag": counter.metadata["etag"],
+        "match_condition": MatchConditions.IfNotModified,
+    }
+    return ("update", raised, options)
+
+
+def _int(value: Any) -> int:
+    """An integer property (the SDK hands Int64 values back wrapped in an EntityProperty)."""
+    return int(getattr(value, "value", value))
+
+
+def _chunk_row(token: str, index: int) -> str:
+    return f"chunk-{token}-{index:05d}"
+
+
+def _pointer_entity(crl: StoredCrl, token: str, chunks: int) -> dict[str, Any]:
+    return {
+        "PartitionKey": crl.issuer_sha256,
+        "RowKey": LATEST_ROW,
+        "Number": crl.number,
+        "Revision": crl.revision,
+        "ThisUpdate": utc(crl.this_update),
+        "NextUpdate": utc(crl.next_update),
+        "Token": token,
+        "Chunks": chunks,
+    }
+
+
+def _crl_from(issuer: str, pointer: Mapping[str, Any], der: bytes) -> StoredCrl:
+    return StoredCrl(
+        issuer_sha256=issuer,
+        number=_int(pointer["Number"]),
+        revision=_int(pointer["Revision"]),
+        this_update=_plain_datetime(pointer["ThisUpdate"]),
+        next_update=_plain_datetime(pointer["NextUpdate"]),
+        der=der,
+    )
+
+
+def _inventory_filter(query: CertificateQuery) -> tuple[str, dict[str, Any]]:
+    """An OData $filter over the Certificates table (one partition when a serial is given)."""
+    conditions: list[str] = []
+    parameters: dict[str, Any] = {}
+
+    def where(condition: str, **values: Any) -> None:
+        conditions.append(condition)
+        parameters.update(values)
+
+    if query.serial is not None:
+        where("PartitionKey eq @serial", serial=serial_text(query.serial))
+    if query.subject_prefix:
+        where("Subject ge @low and Subject lt @high", low=query.subject_prefix, high=prefix_end(query.subject_prefix))
+    if query.status is not None:
+        where("Status eq @status", status=CertStatus(query.status).value)
+    if query.issuer_sha256 is not None:
+        where("IssuerSha256 eq @issuer", issuer=query.issuer_sha256)
+    if query.expires_after is not None:
+        where("NotAfter ge @after", after=utc(query.expires_after))
+    if query.expires_before is not None:
+        where("NotAfter lt @before", before=utc(query.expires_before))
+    where("RowKey eq @row", row=CERT_ROW)
+    return " and ".join(conditions), parameters
+
+
+def _continuation_from(page: str | None) -> dict[str, str] | None:
+    if not page:
+        return None
+    try:
+        token = json.loads(page)
+    except ValueError:
+        token = None
+    if not isinstance(token, dict) or not all(isinstance(value, str) for value in token.values()):
+        raise ValueError("not a page token of this inventory")
+    return token
 
 
 def _plain_datetime(value: datetime) -> datetime:

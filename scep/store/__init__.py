@@ -2,6 +2,23 @@
 
 A transaction is claimed before any work is done on it, so two workers (or two instances) never issue twice
 for one transactionID; the certificate is recorded before anyone sees it, so nothing issued is lost.
+
+Revocation. Every certificate records the CA generation that issued it (`issuer_sha256`, the lower-case hex
+SHA-256 of the issuing CA certificate's DER; records written before revocation existed carry it too). Revoking
+is final (no certificateHold): `revoke(serial, reason, when)` sets the status REVOKED with its time and reason,
+keeps the first time and reason when called again (`Revoked.already` says so) and raises UnknownSerial for a
+serial never recorded. Each CA generation has a revocation *revision*, a counter raised by every revocation of
+one of its certificates: a CRL records the revision it covers, so "a revocation happened since the last CRL" is
+one comparison (`revocation_revision(ca) > latest_crl(ca).revision`).
+
+CRLs. `latest_crl(ca)` is the newest published CRL of a CA generation; `save_crl(crl)` stores a CRL only if
+its cRLNumber is higher than the stored one (compare-and-set: a transaction in SQLite, an ETag in Tables) and
+says whether it did, so concurrent publishers never move the number backwards and the loser publishes again if
+its CRL would have missed a revocation.
+
+Inventory. `find_certificates(CertificateQuery(...))` filters by serial, subject prefix, status, issuing CA and
+expiry, one page at a time (`CertificatePage.next_page` is an opaque token for the next call). The order is the
+backend's own (SQLite: expiry, then serial; Tables: serial) but stable, and pages neither repeat nor skip.
 """
 
 from __future__ import annotations
@@ -28,6 +45,11 @@ def utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def prefix_end(prefix: str) -> str:
+    """The smallest string above every string that starts with prefix (for a range scan on an index)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 class StoreError(Exception):
     """The store could not be reached or refused an operation."""
 
@@ -46,6 +68,26 @@ class CertStatus(str, Enum):
     ISSUED = "issued"  # delivered (or deliverable) to the device
     CONFIRMING = "confirming"  # signed and recorded, waiting for the validator (Intune) to acknowledge it
     UNDELIVERED = "undelivered"  # signed and recorded, withheld from the device (to be revoked)
+    REVOKED = "revoked"  # final: no other status is ever set again
+
+
+class RevocationReason(str, Enum):
+    """RFC 5280 CRLReason values this CA uses; the values are cryptography's `x509.ReasonFlags` values.
+
+    certificateHold and removeFromCRL are left out on purpose: a revocation here is never undone.
+    """
+
+    UNSPECIFIED = "unspecified"
+    KEY_COMPROMISE = "keyCompromise"
+    CA_COMPROMISE = "cACompromise"
+    AFFILIATION_CHANGED = "affiliationChanged"
+    SUPERSEDED = "superseded"
+    CESSATION_OF_OPERATION = "cessationOfOperation"  # also: withheld certificates, never delivered
+    PRIVILEGE_WITHDRAWN = "privilegeWithdrawn"
+
+
+class UnknownSerial(StoreError):
+    """No certificate with this serial number is recorded."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +101,68 @@ class IssuedCertificate:
     thumbprint_sha1: str  # hex, as Intune reports it
     der: bytes
     status: CertStatus = CertStatus.ISSUED
+    revoked_at: datetime | None = None  # set with status REVOKED
+    revocation_reason: RevocationReason | None = None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    serial: int
+    revoked_at: datetime
+    reason: RevocationReason
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """What revoke() did: `revocation` is the recorded one (the first, when `already` revoked before)."""
+
+    revocation: Revocation
+    already: bool
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """The revoked certificates of one CA generation, read together with the revision they cover."""
+
+    revision: int
+    entries: tuple[Revocation, ...]
+
+
+@dataclass(frozen=True)
+class StoredCrl:
+    """A signed CRL of one CA generation as published: number is its cRLNumber, revision the revocation
+    revision of that CA it covers."""
+
+    issuer_sha256: str
+    number: int
+    revision: int
+    this_update: datetime
+    next_update: datetime
+    der: bytes
+
+
+@dataclass(frozen=True)
+class CertificateQuery:
+    """Inventory filters (all optional, combined with AND); subject_prefix matches the start of the RFC 4514
+    subject string; expires_after/expires_before bound not_after (inclusive/exclusive)."""
+
+    serial: int | None = None
+    subject_prefix: str | None = None
+    status: CertStatus | None = None
+    issuer_sha256: str | None = None
+    expires_after: datetime | None = None
+    expires_before: datetime | None = None
+    limit: int = 100
+    page: str | None = None  # CertificatePage.next_page of the previous call
+
+
+@dataclass(frozen=True)
+class CertificatePage:
+    items: tuple[IssuedCertificate, ...]
+    next_page: str | None  # None: nothing more
+
+
+MAX_PAGE_SIZE = 1000
 
 
 class ClaimOutcome(str, Enum):
@@ -94,11 +198,34 @@ class Store(Protocol):
 
     def record_failed(self, claim: Claim, fail_info: int, reason: str) -> None: ...
 
-    def mark_undelivered(self, serial: int) -> None: ...
+    def mark_undelivered(self, serial: int) -> None:
+        """Withhold a certificate (a REVOKED one stays REVOKED)."""
+        ...
 
     def mark_delivered(self, serial: int) -> None:
-        """Flip a certificate recorded as CONFIRMING to ISSUED (after the validator acknowledged it)."""
+        """Flip a certificate recorded as CONFIRMING to ISSUED (after the validator acknowledged it); a REVOKED
+        one stays REVOKED."""
         ...
+
+    def revoke(self, serial: int, reason: RevocationReason, when: datetime) -> Revoked:
+        """Revoke a certificate (idempotent: the first time and reason stay); UnknownSerial if never recorded."""
+        ...
+
+    def revocations(self, issuer_sha256: str) -> RevocationList:
+        """Every revoked certificate issued by that CA generation, with the revision the list covers at least."""
+        ...
+
+    def revocation_revision(self, issuer_sha256: str) -> int:
+        """How many revocations that CA generation has seen (0 when none): one cheap read."""
+        ...
+
+    def latest_crl(self, issuer_sha256: str) -> StoredCrl | None: ...
+
+    def save_crl(self, crl: StoredCrl) -> bool:
+        """Store crl as the latest of its CA if its number is higher than the stored one's; False otherwise."""
+        ...
+
+    def find_certificates(self, query: CertificateQuery) -> CertificatePage: ...
 
     def certificate_by_serial(self, serial: int) -> IssuedCertificate | None: ...
 

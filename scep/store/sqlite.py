@@ -3,6 +3,15 @@
 WAL journal with synchronous=FULL: a committed certificate is on disk before the device sees it. Every
 process (and every thread in it) gets its own connection; a forked worker notices the new pid and opens its own.
 Write transactions start with BEGIN IMMEDIATE, so a claim is one atomic read-decide-write across processes.
+
+Revocation: a revocation changes the certificate's row and raises its CA's revision in one transaction; a CRL
+is saved in one transaction that first checks the stored cRLNumber is lower. Schema version 2 added the
+revocation columns, the revision and CRL tables and the inventory indexes; a version 1 file is upgraded in place
+when opened (its certificates read as they were, none revoked).
+
+Inventory indexes: (status, not_after, serial), (not_after, serial), (subject) and (issuer_sha256, status), so
+a page of `find_certificates` is an index range scan whatever the filter; pages are keyset-paged on
+(not_after, serial), so a deep page costs what the first one does.
 """
 
 from __future__ import annotations
@@ -19,19 +28,29 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from scep.store import (
+    MAX_PAGE_SIZE,
     MAX_REASON_CHARS,
+    CertificatePage,
+    CertificateQuery,
     CertStatus,
     Claim,
     ClaimOutcome,
     IssuedCertificate,
+    Revocation,
+    RevocationList,
+    RevocationReason,
+    Revoked,
     SerialInUse,
+    StoredCrl,
     StoreError,
     TxState,
+    UnknownSerial,
+    prefix_end,
     serial_text,
     utc,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 15_000
 
 _SCHEMA = (
@@ -62,8 +81,30 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS certificates_by_transaction ON certificates (transaction_id)",
 )
+_REVOCATION_COLUMNS = (("revoked_at", "TEXT"), ("revocation_reason", "TEXT"))
+_SCHEMA_2 = (
+    """CREATE TABLE IF NOT EXISTS revocation_revisions (
+        issuer_sha256 TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS crls (
+        issuer_sha256 TEXT PRIMARY KEY,
+        number INTEGER NOT NULL,
+        revision INTEGER NOT NULL,
+        this_update TEXT NOT NULL,
+        next_update TEXT NOT NULL,
+        der BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS certificates_by_status ON certificates (status, not_after, serial)",
+    "CREATE INDEX IF NOT EXISTS certificates_by_expiry ON certificates (not_after, serial)",
+    "CREATE INDEX IF NOT EXISTS certificates_by_subject ON certificates (subject)",
+    "CREATE INDEX IF NOT EXISTS certificates_by_issuer ON certificates (issuer_sha256, status)",
+)
 
-_CERT_COLUMNS = "serial, transaction_id, subject, issuer_sha256, not_before, not_after, thumbprint_sha1, der, status"
+_CERT_COLUMNS = (
+    "serial, transaction_id, subject, issuer_sha256, not_before, not_after, thumbprint_sha1, der, status,"
+    " revoked_at, revocation_reason"
+)
 
 _SELECT_TX = "SELECT key_id, state, lease_expires, serial FROM transactions WHERE transaction_id = ?"
 _INSERT_TX = (
@@ -86,13 +127,27 @@ _FINISH_FAILED = (
     "UPDATE transactions SET state = 'failed', fail_info = ?, reason = ?, lease_token = NULL,"
     " lease_expires = NULL, updated = ? WHERE transaction_id = ? AND lease_token = ? AND state = 'processing'"
 )
-_INSERT_CERT = f"INSERT INTO certificates ({_CERT_COLUMNS}, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_CERT = f"INSERT INTO certificates ({_CERT_COLUMNS}, created) VALUES ({', '.join('?' * 12)})"
 _SELECT_CERT_BY_SERIAL = f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?"
 _SELECT_CERT_BY_TX = (
     f"SELECT {', '.join('c.' + c.strip() for c in _CERT_COLUMNS.split(','))}"
     " FROM transactions t JOIN certificates c ON c.serial = t.serial WHERE t.transaction_id = ?"
 )
-_SET_STATUS = "UPDATE certificates SET status = ? WHERE serial = ?"
+_SET_STATUS = "UPDATE certificates SET status = ? WHERE serial = ? AND status != 'revoked'"
+_CERT_EXISTS = "SELECT 1 FROM certificates WHERE serial = ?"
+_REVOKE = "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? WHERE serial = ?"
+_RAISE_REVISION = (
+    "INSERT INTO revocation_revisions (issuer_sha256, revision) VALUES (?, 1)"
+    " ON CONFLICT (issuer_sha256) DO UPDATE SET revision = revision + 1"
+)
+_SELECT_REVISION = "SELECT revision FROM revocation_revisions WHERE issuer_sha256 = ?"
+_SELECT_REVOKED = (
+    "SELECT serial, revoked_at, revocation_reason FROM certificates"
+    " WHERE issuer_sha256 = ? AND status = 'revoked' ORDER BY serial"
+)
+_CRL_COLUMNS = "issuer_sha256, number, revision, this_update, next_update, der"
+_SELECT_CRL = f"SELECT {_CRL_COLUMNS} FROM crls WHERE issuer_sha256 = ?"
+_SAVE_CRL = f"INSERT OR REPLACE INTO crls ({_CRL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 def _now_text() -> str:
@@ -178,13 +233,14 @@ class SqliteStore:
             for statement in _SCHEMA:
                 connection.execute(statement)
             row = connection.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            if row[0] is None:
-                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
+            if row[0] is not None and row[0] > SCHEMA_VERSION:
                 raise StoreError(
                     f"the SQLite store at {self.path} has schema version {row[0]}, newer than this software"
                     f" ({SCHEMA_VERSION}); upgrade the software"
                 )
+            _upgrade_to_2(connection)
+            connection.execute("DELETE FROM schema_version")
+            connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     def release_abandoned_leases(self) -> int:
         """Fail every transaction still PROCESSING, so retransmissions are claimed at once after a crash.
@@ -288,16 +344,99 @@ class SqliteStore:
     def describe(self) -> str:
         return f"SQLite at {self.path}"
 
-    # -- helpers -----------------------------------------------------------------------------------------
+    # -- revocation ----------------------------------------------------------------------------------------
 
-    def _set_status(self, serial: int, status: CertStatus) -> None:
+    def revoke(self, serial: int, reason: RevocationReason, when: datetime) -> Revoked:
+        key = serial_text(serial)
         try:
             with self._write() as connection:
-                changed = connection.execute(_SET_STATUS, (status.value, serial_text(serial))).rowcount
+                row = connection.execute(
+                    "SELECT issuer_sha256, status, revoked_at, revocation_reason FROM certificates WHERE serial = ?",
+                    (key,),
+                ).fetchone()
+                if row is None:
+                    raise UnknownSerial(f"no certificate with serial {serial:x} is recorded")
+                issuer, status, revoked_at, recorded_reason = row
+                if status == CertStatus.REVOKED.value:
+                    first = Revocation(serial, datetime.fromisoformat(revoked_at), RevocationReason(recorded_reason))
+                    return Revoked(first, already=True)
+                connection.execute(_REVOKE, (utc(when).isoformat(), RevocationReason(reason).value, key))
+                connection.execute(_RAISE_REVISION, (issuer,))
+        except sqlite3.Error as error:
+            raise StoreError(f"revoking certificate {serial:x} failed: {error}") from error
+        return Revoked(Revocation(serial, utc(when), RevocationReason(reason)), already=False)
+
+    def revocations(self, issuer_sha256: str) -> RevocationList:
+        try:
+            with self._snapshot() as connection:
+                revision = _revision(connection, issuer_sha256)
+                rows = connection.execute(_SELECT_REVOKED, (issuer_sha256,)).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"listing revoked certificates failed: {error}") from error
+        entries = tuple(
+            Revocation(int(serial, 16), datetime.fromisoformat(when), RevocationReason(reason))
+            for serial, when, reason in rows
+        )
+        return RevocationList(revision, entries)
+
+    def revocation_revision(self, issuer_sha256: str) -> int:
+        try:
+            return _revision(self._connection(), issuer_sha256)
+        except sqlite3.Error as error:
+            raise StoreError(f"reading the revocation revision failed: {error}") from error
+
+    def latest_crl(self, issuer_sha256: str) -> StoredCrl | None:
+        try:
+            row = self._connection().execute(_SELECT_CRL, (issuer_sha256,)).fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"reading the CRL failed: {error}") from error
+        return None if row is None else _crl_from(row)
+
+    def save_crl(self, crl: StoredCrl) -> bool:
+        try:
+            with self._write() as connection:
+                row = connection.execute("SELECT number FROM crls WHERE issuer_sha256 = ?", (crl.issuer_sha256,))
+                current = row.fetchone()
+                if current is not None and current[0] >= crl.number:
+                    return False
+                connection.execute(_SAVE_CRL, _crl_row(crl))
+                return True
+        except sqlite3.Error as error:
+            raise StoreError(f"saving CRL {crl.number} failed: {error}") from error
+
+    def find_certificates(self, query: CertificateQuery) -> CertificatePage:
+        sql, parameters = _inventory_sql(query)
+        try:
+            rows = self._connection().execute(sql, parameters).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"listing certificates failed: {error}") from error
+        items = tuple(_certificate_from(row) for row in rows[: _page_size(query)])
+        more = len(rows) > len(items)
+        next_page = f"{utc(items[-1].not_after).isoformat()}|{serial_text(items[-1].serial)}" if more else None
+        return CertificatePage(items, next_page)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query inside sees the same committed state (WAL snapshot)."""
+        connection = self._connection()
+        connection.execute("BEGIN")
+        try:
+            yield connection
+        finally:
+            connection.execute("COMMIT")
+
+    def _set_status(self, serial: int, status: CertStatus) -> None:
+        key = serial_text(serial)
+        try:
+            with self._write() as connection:
+                changed = connection.execute(_SET_STATUS, (status.value, key)).rowcount
+                known = changed or connection.execute(_CERT_EXISTS, (key,)).fetchone() is not None
         except sqlite3.Error as error:
             raise StoreError(f"marking certificate {serial:x} {status.value} failed: {error}") from error
-        if not changed:
-            raise StoreError(f"no certificate with serial {serial:x} is recorded")
+        if not known:
+            raise UnknownSerial(f"no certificate with serial {serial:x} is recorded")
 
     def _read_certificate(self, query: str, key: str) -> IssuedCertificate | None:
         try:
@@ -308,20 +447,107 @@ class SqliteStore:
     @staticmethod
     def _select_certificate(connection: sqlite3.Connection, query: str, key: str) -> IssuedCertificate | None:
         row = connection.execute(query, (key,)).fetchone()
-        if row is None:
-            return None
-        serial, transaction_id, subject, issuer_sha256, not_before, not_after, thumbprint, der, status = row
-        return IssuedCertificate(
-            serial=int(serial, 16),
-            transaction_id=transaction_id,
-            subject=subject,
-            issuer_sha256=issuer_sha256,
-            not_before=datetime.fromisoformat(not_before),
-            not_after=datetime.fromisoformat(not_after),
-            thumbprint_sha1=thumbprint,
-            der=bytes(der),
-            status=CertStatus(status),
-        )
+        return None if row is None else _certificate_from(row)
+
+
+def _certificate_from(row: tuple) -> IssuedCertificate:
+    serial, transaction_id, subject, issuer_sha256, not_before, not_after, thumbprint, der, status, *revoked = row
+    revoked_at, reason = revoked
+    return IssuedCertificate(
+        serial=int(serial, 16),
+        transaction_id=transaction_id,
+        subject=subject,
+        issuer_sha256=issuer_sha256,
+        not_before=datetime.fromisoformat(not_before),
+        not_after=datetime.fromisoformat(not_after),
+        thumbprint_sha1=thumbprint,
+        der=bytes(der),
+        status=CertStatus(status),
+        revoked_at=None if revoked_at is None else datetime.fromisoformat(revoked_at),
+        revocation_reason=None if reason is None else RevocationReason(reason),
+    )
+
+
+def _upgrade_to_2(connection: sqlite3.Connection) -> None:
+    """Add what schema 2 has and schema 1 lacks (every statement is a no-op on a schema 2 file)."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(certificates)")}
+    for name, kind in _REVOCATION_COLUMNS:
+        if name not in present:
+            connection.execute(f"ALTER TABLE certificates ADD COLUMN {name} {kind}")
+    for statement in _SCHEMA_2:
+        connection.execute(statement)
+
+
+def _revision(connection: sqlite3.Connection, issuer_sha256: str) -> int:
+    row = connection.execute(_SELECT_REVISION, (issuer_sha256,)).fetchone()
+    return 0 if row is None else row[0]
+
+
+def _crl_row(crl: StoredCrl) -> tuple:
+    return (
+        crl.issuer_sha256,
+        crl.number,
+        crl.revision,
+        utc(crl.this_update).isoformat(),
+        utc(crl.next_update).isoformat(),
+        crl.der,
+    )
+
+
+def _crl_from(row: tuple) -> StoredCrl:
+    issuer, number, revision, this_update, next_update, der = row
+    return StoredCrl(
+        issuer_sha256=issuer,
+        number=number,
+        revision=revision,
+        this_update=datetime.fromisoformat(this_update),
+        next_update=datetime.fromisoformat(next_update),
+        der=bytes(der),
+    )
+
+
+def _page_size(query: CertificateQuery) -> int:
+    if not 1 <= query.limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"page size must be 1 to {MAX_PAGE_SIZE}")
+    return query.limit
+
+
+def _inventory_sql(query: CertificateQuery) -> tuple[str, list]:
+    """SELECT for one inventory page, ordered by (not_after, serial) and keyset-paged on it."""
+    conditions: list[str] = []
+    parameters: list = []
+
+    def where(condition: str, *values: object) -> None:
+        conditions.append(condition)
+        parameters.extend(values)
+
+    if query.serial is not None:
+        where("serial = ?", serial_text(query.serial))
+    if query.subject_prefix:
+        where("subject >= ? AND subject < ?", query.subject_prefix, prefix_end(query.subject_prefix))
+    if query.status is not None:
+        where("status = ?", CertStatus(query.status).value)
+    if query.issuer_sha256 is not None:
+        where("issuer_sha256 = ?", query.issuer_sha256)
+    if query.expires_after is not None:
+        where("not_after >= ?", utc(query.expires_after).isoformat())
+    if query.expires_before is not None:
+        where("not_after < ?", utc(query.expires_before).isoformat())
+    if query.page:
+        where("(not_after, serial) > (?, ?)", *_page_position(query.page))
+    clause = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    sql = f"SELECT {_CERT_COLUMNS} FROM certificates{clause} ORDER BY not_after, serial LIMIT ?"
+    return sql, [*parameters, _page_size(query) + 1]
+
+
+def _page_position(token: str) -> tuple[str, str]:
+    not_after, _, serial = token.partition("|")
+    try:
+        datetime.fromisoformat(not_after)
+        int(serial, 16)
+    except ValueError:
+        raise ValueError("not a page token of this inventory") from None
+    return not_after, serial
 
 
 def _claimed_token(claim: Claim) -> str:
@@ -331,6 +557,8 @@ def _claimed_token(claim: Claim) -> str:
 
 
 def _certificate_row(certificate: IssuedCertificate, serial: str, status: CertStatus, now: str) -> tuple:
+    revoked_at = certificate.revoked_at
+    reason = certificate.revocation_reason
     return (
         serial,
         certificate.transaction_id,
@@ -341,5 +569,7 @@ def _certificate_row(certificate: IssuedCertificate, serial: str, status: CertSt
         certificate.thumbprint_sha1,
         certificate.der,
         status.value,
+        None if revoked_at is None else utc(revoked_at).isoformat(),
+        None if reason is None else reason.value,
         now,
     )
