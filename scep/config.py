@@ -14,7 +14,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from scep.store import Store
 if TYPE_CHECKING:
     from scep.azure.intune import IntuneClient, SecretSource
     from scep.azure.intune.client import IntuneSettings
+    from scep.azure.telemetry import TelemetrySettings
     from scep.azure.vault_clients import KeyVaultClients
     from scep.challenge.webhook import WebhookHandler
 
@@ -110,6 +111,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_ADMIN_ROLE", "SCEP.Admin", "App role an Entra token must carry for the admin API."),
     Setting("SCEP_ADMIN_AUTHORITY_HOST", "https://login.microsoftonline.com", "Entra authority of admin tokens."),
     Setting("SCEP_ADMIN_SESSION_MINUTES", "60", "Lifetime of an admin browser session (5-1440)."),
+    Setting("SCEP_TELEMETRY", "auto", "Traces and metrics: auto (Azure Monitor when connected), off, console, otlp."),
+    Setting("SCEP_OTLP_ENDPOINT", "http://127.0.0.1:4318", "OTLP/HTTP collector of SCEP_TELEMETRY=otlp."),
+    Setting("APPLICATIONINSIGHTS_CONNECTION_STRING", "", "Application Insights to export telemetry to.", azure=True),
+    Setting("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "", "ClientId=<id>;Authorization=AAD (Entra).", azure=True),
 )
 _DEFAULTS = {s.name: s.default for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
@@ -118,6 +123,7 @@ _LIST_SEPARATORS = re.compile(r"[\s,]+")
 MODES = ("static", "intune")
 STORES = ("sqlite", "tables", "auto")
 CREDENTIALS = ("default", "azd")
+TELEMETRY_CHOICES = ("auto", "off", "console", "otlp")
 INTUNE_AUTH_MODES = ("secret", "certificate", "managed-identity", "federated")
 ADMIN_AUTH_MODES = ("credential", "entra")
 MIN_RSA_KEY_BITS_RANGE = (1024, 4096)  # Intune's SCEP profiles offer 1024, 2048 and 4096 bits
@@ -218,6 +224,7 @@ class Settings:
     log_level: str | None  # None: the caller's default applies
     ra_renew_days: int
     admin: AdminSettings
+    telemetry: TelemetrySettings
 
     @property
     def data_dir(self) -> Path:
@@ -337,6 +344,7 @@ def load_settings(
         log_level=_log_level(read),
         ra_renew_days=read.count("SCEP_RA_RENEW_DAYS", 1, 365),
         admin=_admin_settings(read),
+        telemetry=_telemetry_settings(read),
     )
     if for_serving:
         _check_serving(settings)
@@ -365,6 +373,28 @@ def _log_level(read: _Reader) -> str | None:
     if level and level not in LEVELS:
         raise ConfigError("SCEP_LOG_LEVEL", f"must be one of {', '.join(LEVELS)}, not {level!r}")
     return level or None
+
+
+def _telemetry_settings(read: _Reader) -> TelemetrySettings:
+    """SCEP_TELEMETRY: auto exports to Application Insights when APPLICATIONINSIGHTS_CONNECTION_STRING is set, and
+    nowhere otherwise; off, console and otlp say it outright."""
+    from scep.azure import telemetry
+
+    choice = read.choice("SCEP_TELEMETRY", TELEMETRY_CHOICES)
+    connection_string = read.text("APPLICATIONINSIGHTS_CONNECTION_STRING")
+    if connection_string and "instrumentationkey=" not in connection_string.lower():
+        raise ConfigError("APPLICATIONINSIGHTS_CONNECTION_STRING", "has no InstrumentationKey=: copy the whole string")
+    authentication = read.text("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")
+    try:
+        entra, client_id = telemetry.parse_authentication_string(authentication)
+    except ValueError as error:
+        raise ConfigError("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", str(error)) from None
+    endpoint = read.text("SCEP_OTLP_ENDPOINT")
+    if not endpoint.lower().startswith(("http://", "https://")):
+        raise ConfigError("SCEP_OTLP_ENDPOINT", f"must be an http:// or https:// URL, not {endpoint!r}")
+    if choice == "auto":
+        choice = telemetry.AZURE_MONITOR if connection_string else telemetry.OFF
+    return telemetry.TelemetrySettings(choice, endpoint, connection_string, client_id, entra)
 
 
 def _refuse_unresolved_references(values: Mapping[str, str]) -> None:
@@ -664,7 +694,23 @@ def build_webhooks(settings: Settings, validator: ChallengeValidator) -> Webhook
 def build_service(settings: Settings) -> ScepService:
     home = build_key_home(settings)
     ensure_local_ca(settings, home)
-    return ScepService(home, build_store(settings), build_validator(settings), settings.service.options)
+    options = replace(settings.service.options, key_custody="keyvault" if settings.uses_key_vault else "local")
+    return ScepService(home, build_store(settings), build_validator(settings), options)
+
+
+def configure_telemetry(settings: Settings) -> str:
+    """Install the telemetry exporter SCEP_TELEMETRY and APPLICATIONINSIGHTS_* select, once per process (each
+    Functions worker, each gunicorn worker after the fork); returns the exporter in effect."""
+    from scep.azure.identity import build_credential as build
+    from scep.azure.telemetry import configure
+
+    identity = settings.identity
+
+    def credential(client_id: str | None) -> Any:
+        client_id = client_id or identity.client_id
+        return build(client_id, choice=identity.credential, authority_host=identity.authority_host)
+
+    return configure(settings.telemetry, credential)
 
 
 # --- the process-wide accessors ---

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from scep.azure import telemetry
 from scep.azure.errors import describe, first_line, translated
 from scep.keys import (
     CaKeys,
@@ -261,12 +262,15 @@ class KeyVaultKeyHandle:
             remaining = max(LAST_ATTEMPT_SECONDS, deadline - time.monotonic())
             connect, read = (min(limit, remaining) for limit in self._timeouts)
             try:
-                return call(connection_timeout=connect, read_timeout=read)
+                with telemetry.keyvault_call(what):
+                    return call(connection_timeout=connect, read_timeout=read)
             except HttpResponseError as error:
                 if error.status_code == 403 and _inner_error_code(error) == "KeyOperationForbidden":
                     raise KeyOperationForbidden(
                         f"Key Vault {what} failed: the key does not permit {what}", what, self._key_operations
                     ) from error
+                if error.status_code == 429:
+                    telemetry.KEYVAULT_THROTTLED.add(1)
                 if error.status_code not in RETRYABLE_STATUS:
                     raise _custody_error(what, error) from error
                 failure: Exception = error
@@ -279,6 +283,7 @@ class KeyVaultKeyHandle:
             if left <= 0:
                 raise _custody_error(f"{what} ({attempt + 1} attempts)", failure) from failure
             log.debug("Key Vault %s: attempt %d failed (%s), retrying", what, attempt + 1, first_line(failure))
+            telemetry.KEYVAULT_RETRIES.add(1)
             time.sleep(min(left, _backoff(attempt) if delay is None else delay))
             attempt += 1
 

@@ -27,6 +27,7 @@ from scep.challenge import (
     challenge_password,
 )
 from scep.core import message as msg
+from scep.core import telemetry
 from scep.core.der import fingerprint
 from scep.core.issuer import (
     PolicyError,
@@ -51,6 +52,7 @@ class ServiceOptions:
     allow_legacy: bool = False  # single DES and MD5, for clients that speak nothing else
     profile: Profile = field(default_factory=Profile)
     key_budget_seconds: float = 20.0  # shared by the key operations of one PKIOperation, retries included
+    key_custody: str = "local"  # where the keys live (local or keyvault), for telemetry
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,14 @@ class ScepService:
     def pki_operation(self, der: bytes) -> Reply:
         """One PKIOperation; its key operations (unwrap, sign, sign) share one time budget, so a custody that
         retries (Key Vault) gives up in time for a signed FAILURE or, with no signature possible, a 503."""
-        with time_budget(self.options.key_budget_seconds):
-            return self._pki_operation(der)
+        with time_budget(self.options.key_budget_seconds), telemetry.enrollment_span(self.options.key_custody) as span:
+            reply = self._pki_operation(der)
+            span.finish(reply.status, reply.fail_info)
+            return reply
 
     def _pki_operation(self, der: bytes) -> Reply:
         keys = self.custody.keys()
+        telemetry.note_certificates(keys.ca.certificate, keys.ra.certificate)
         try:
             request = msg.parse_pki_message(der, self.options.allow_legacy)
         except msg.MalformedMessage:
@@ -110,6 +115,7 @@ class ScepService:
         except msg.MessageError as error:
             if error.attributes is None:
                 raise msg.MalformedMessage(error.reason) from None
+            telemetry.identify(error.attributes.transaction_id, error.attributes.message_type)
             return self._signed_failure(
                 keys,
                 error.attributes.transaction_id,
@@ -120,6 +126,7 @@ class ScepService:
             )
         except Exception as error:  # whatever a hostile message makes a parser raise, it is still malformed
             raise msg.MalformedMessage(f"unreadable message ({type(error).__name__})") from None
+        telemetry.identify(request.transaction_id, request.message_type)
         try:
             return self._dispatch(keys, request)
         except msg.MessageError as error:
@@ -148,7 +155,8 @@ class ScepService:
 
     def _enroll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
         envelope = self._envelope(keys, request)
-        csr_der = msg.open_envelope(envelope, keys.ra)
+        with telemetry.step(telemetry.STEP_UNWRAP):
+            csr_der = msg.open_envelope(envelope, keys.ra)
         csr = _load_csr(csr_der)
         renewal = self._renewal_signer(keys, request)
         if request.message_type == MessageType.RENEWAL_REQ and renewal is None:
@@ -184,7 +192,8 @@ class ScepService:
         enrollment: EnrollmentRequest,
         claim: Claim,
     ) -> Reply:
-        verdict = self._validate(enrollment)
+        with telemetry.step(telemetry.STEP_VALIDATE, **{telemetry.ATTR_VALIDATOR: self.validator.name}):
+            verdict = self._validate(enrollment)
         if not verdict.accepted:
             self.store.record_failed(claim, int(verdict.fail_info), verdict.reason)
             return self._refuse(keys, request, verdict.fail_info, verdict.reason or "the request was not authorised")
@@ -200,7 +209,8 @@ class ScepService:
             self._record_failed_quietly(claim, str(error))
             raise
         try:
-            validator.notify_success(enrollment, issued)
+            with telemetry.step(telemetry.STEP_NOTIFY, **{telemetry.ATTR_VALIDATOR: validator.name}):
+                validator.notify_success(enrollment, issued)
         except NotificationFailed as error:
             self.store.mark_undelivered(issued.serial_number)
             log.error(
@@ -231,7 +241,8 @@ class ScepService:
         self, keys: CaKeys, enrollment: EnrollmentRequest, claim: Claim, notify: bool
     ) -> x509.Certificate:
         for _ in range(SERIAL_ATTEMPTS):
-            certificate = device_certificate(enrollment.csr, keys.ca, self.options.profile, random_serial())
+            with telemetry.step(telemetry.STEP_SIGN_CERTIFICATE):
+                certificate = device_certificate(enrollment.csr, keys.ca, self.options.profile, random_serial())
             if is_ca_certificate(certificate):  # belt and braces: the profile never builds one
                 raise PolicyError(FailInfo.BAD_REQUEST, "refusing to issue a CA certificate")
             record = _record(
@@ -330,15 +341,17 @@ class ScepService:
     ) -> Reply:
         inner = msg.certs_only([certificate])
         sealed = msg.seal_envelope(inner, request.signer_certificate, envelope.cipher, envelope.transport)
-        der = msg.cert_rep(
-            keys.ra, _reply_digest(request.digest_name), PkiStatus.SUCCESS, request.transaction_id,
-            request.sender_nonce, sealed,
-        )
+        with telemetry.step(telemetry.STEP_SIGN_REPLY):
+            der = msg.cert_rep(
+                keys.ra, _reply_digest(request.digest_name), PkiStatus.SUCCESS, request.transaction_id,
+                request.sender_nonce, sealed,
+            )
         return Reply(der, PkiStatus.SUCCESS, certificate=certificate)
 
     def _pending(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
         digest = _reply_digest(request.digest_name)
-        der = msg.cert_rep(keys.ra, digest, PkiStatus.PENDING, request.transaction_id, request.sender_nonce)
+        with telemetry.step(telemetry.STEP_SIGN_REPLY):
+            der = msg.cert_rep(keys.ra, digest, PkiStatus.PENDING, request.transaction_id, request.sender_nonce)
         return Reply(der, PkiStatus.PENDING)
 
     def _refuse(self, keys: CaKeys, request: msg.PkiMessage, fail_info: FailInfo, reason: str) -> Reply:
@@ -352,10 +365,11 @@ class ScepService:
     ) -> Reply:
         """A signed FAILURE from the fields it answers (also for a message readable only up to its attributes)."""
         log.info("transaction %s refused (failInfo %s): %s", transaction_id, fail_info.name, reason)
-        der = msg.cert_rep(
-            keys.ra, _reply_digest(digest_name), PkiStatus.FAILURE, transaction_id, nonce,
-            fail_info=fail_info, fail_info_text=reason,
-        )
+        with telemetry.step(telemetry.STEP_SIGN_REPLY):
+            der = msg.cert_rep(
+                keys.ra, _reply_digest(digest_name), PkiStatus.FAILURE, transaction_id, nonce,
+                fail_info=fail_info, fail_info_text=reason,
+            )
         return Reply(der, PkiStatus.FAILURE, fail_info)
 
 

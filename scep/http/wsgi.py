@@ -97,6 +97,8 @@ def _discard(stream: BinaryIO, at_most: int) -> None:
 
 def create_app() -> WsgiApp:
     """The product's WSGI application. Settings are checked here: a wrong one stops the worker at start, with a
-    message naming it. Records of the product's loggers (and gunicorn's) are cleaned, at SCEP_LOG_LEVEL."""
+    message naming it. Records of the product's loggers (and gunicorn's) are cleaned, at SCEP_LOG_LEVEL. Telemetry is
+    configured here, in each worker after the fork: exporter threads do not survive a fork."""
     logs.configure_console(config.log_level(config.settings()) or "warning")
+    config.configure_telemetry(config.settings())
     return WsgiApp(backend.HTTP)

@@ -26,6 +26,7 @@ from azure.core.credentials import TokenCredential
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from scep import PRODUCT, __version__
+from scep.azure import telemetry
 from scep.azure.errors import first_line, translated
 
 logger = logging.getLogger("scep.azure.intune")
@@ -395,10 +396,13 @@ class IntuneClient:
                 url, data=json.dumps(body).encode("utf-8"), headers=headers, timeout=self._timeouts()
             )
         except requests.RequestException as error:
+            no_answer = "timeout" if isinstance(error, requests.Timeout) else "connection"
+            telemetry.intune_call(_call_name(path), started, no_answer)
             if not isinstance(error, requests.ReadTimeout):
                 # The service may have moved: ask Graph again next time (as Microsoft's libraries do).
                 self.forget_services()
             raise _connection_error(url, error) from error
+        telemetry.intune_call(_call_name(path), started, None if response.ok else str(response.status_code))
         elapsed_ms = int((time.monotonic() - started) * 1000)
         logger.info(
             "Intune %s transaction=%s activity=%s status=%d elapsed_ms=%d",
@@ -427,6 +431,11 @@ def iso_utc(moment: datetime) -> str:
         moment = moment.replace(tzinfo=timezone.utc)
     text = moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
     return text.replace("+00:00", "Z")
+
+
+def _call_name(path: str) -> str:
+    """ScepActions/validateRequest -> validateRequest, as telemetry names Intune's calls."""
+    return path.rsplit("/", 1)[-1]
 
 
 def _same_origin(url: str, base: str) -> bool:
