@@ -55,7 +55,8 @@ def call(functions, route: str, method: str = "GET", params: dict | None = None,
 def test_routes_cover_the_paths_clients_use(functions):
     assert {"api/scep", "api/scep/pkiclient.exe", "cgi-bin/pkiclient.exe", "certsrv/mscep/mscep.dll",
             "certsrv/mscep/mscep.dll/pkiclient.exe", "api/health", "api/ca.pem", "api/ca.der", "api/ca.crt",
-            "api/webhook/scepchallenge", "api/webhook/notify"} == set(functions) - {"maintenance"}
+            "api/webhook/scepchallenge", "api/webhook/notify", "api/admin/login", "api/admin/certificates",
+            "api/admin/certificate", "api/admin/revoke", "status"} == set(functions) - {"maintenance"}
 
 
 def test_get_ca_caps(functions):

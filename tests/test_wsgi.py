@@ -78,8 +78,8 @@ def test_every_route_is_served_with_its_methods(app):
             "certsrv/mscep/mscep.dll/pkiclient.exe", "api/health", "api/ca.pem", "api/ca.der", "api/ca.crt",
             "api/webhook/scepchallenge", "api/webhook/notify", "status"} <= paths
     for route in web.ROUTES:
-        if route.path.startswith("api/webhook"):
-            continue  # POST only, answered 404 while webhooks are not configured
+        if route.path.startswith("api/webhook") or route.admin:
+            continue  # POST only, answered 404 while webhooks are not configured; admin routes: test_admin_api
         status, _, _ = call(app, environ("GET", "/" + route.path, "operation=GetCACaps"))
         assert status == 200, route.path
 

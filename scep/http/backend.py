@@ -7,7 +7,7 @@ from scep import config
 from scep.challenge.webhook import WebhookHandler
 from scep.core import maintenance
 from scep.core.service import ScepService
-from scep.http import web
+from scep.http import admin_api, web
 from scep.keys import CaKeys, CustodyError
 
 
@@ -35,6 +35,9 @@ class ConfiguredBackend:
 
     def webhooks(self) -> WebhookHandler | None:
         return config.webhooks()
+
+    def admin(self, action: str, request: web.Request) -> web.HttpReply:
+        return admin_api.handle(action, request, self.service)
 
 
 HTTP = web.ScepHttp(ConfiguredBackend())

@@ -39,7 +39,9 @@ def _register(route: web.Route) -> None:
         return response_of(HTTP.call(route, request_of(req)))
 
     handler.__name__ = route.name
-    register = bp.route(route=route.path, methods=list(route.methods), auth_level=func.AuthLevel.ANONYMOUS)
+    # Admin routes need a function key before the app's own admin check runs; the others are anonymous.
+    level = func.AuthLevel.FUNCTION if route.admin else func.AuthLevel.ANONYMOUS
+    register = bp.route(route=route.path, methods=list(route.methods), auth_level=level)
     bp.function_name(route.name)(register(handler))
 
 

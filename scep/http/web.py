@@ -221,6 +221,10 @@ class Backend(Protocol):
 
     def webhooks(self) -> WebhookHandler | None: ...
 
+    def admin(self, action: str, request: Request) -> HttpReply:
+        """An admin route's action; the admin API checks the caller before anything else."""
+        ...
+
 
 Handler = Callable[[Backend, Request], HttpReply]
 
@@ -231,6 +235,7 @@ class Route:
     path: str  # as a Functions route template is written: no leading slash (host.json routePrefix is "")
     methods: tuple[str, ...]
     handler: Handler
+    admin: bool = False  # needs an administrator; in Azure also a function key (auth level FUNCTION)
 
 
 def _scep(backend: Backend, request: Request) -> HttpReply:
@@ -274,10 +279,17 @@ def _webhook_notify(backend: Backend, request: Request) -> HttpReply:
     return _webhook(backend, request, "notify")
 
 
+def _admin(action: str) -> Handler:
+    def handler(backend: Backend, request: Request) -> HttpReply:
+        return backend.admin(action, request)
+
+    return handler
+
+
 _SCEP_METHODS = ("GET", "POST")
 
-# Every route is anonymous: SCEP clients send no credentials, and the webhooks authenticate each call by its
-# signature. The paths besides api/scep are the ones SCEP clients use by habit.
+# Every route but the admin ones is anonymous: SCEP clients send no credentials, and the webhooks authenticate each
+# call by its signature. The paths besides api/scep are the ones SCEP clients use by habit.
 ROUTES: tuple[Route, ...] = (
     Route("scep", "api/scep", _SCEP_METHODS, _scep),
     Route("scep_pkiclient", "api/scep/pkiclient.exe", _SCEP_METHODS, _scep),
@@ -291,6 +303,10 @@ ROUTES: tuple[Route, ...] = (
     Route("status", "status", ("GET",), _status),
     Route("webhook_scepchallenge", "api/webhook/scepchallenge", ("POST",), _webhook_challenge),
     Route("webhook_notify", "api/webhook/notify", ("POST",), _webhook_notify),
+    Route("admin_login", "api/admin/login", ("GET", "POST"), _admin("login"), admin=True),
+    Route("admin_certificates", "api/admin/certificates", ("GET",), _admin("certificates"), admin=True),
+    Route("admin_certificate", "api/admin/certificate", ("GET",), _admin("certificate"), admin=True),
+    Route("admin_revoke", "api/admin/revoke", ("POST",), _admin("revoke"), admin=True),
 )
 
 

@@ -16,6 +16,7 @@ from scep.core.ca import CaOptions, LifecycleError
 from scep.core.issuer import fingerprint
 from scep.keys import CustodyError, KeySpec, Slot
 from scep.store.sqlite import SqliteStore
+from scep.tools.certs import add_certs_parser
 from scep.tools.challenge import add_challenge_parser
 
 DEFAULT_PORT = 7071
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _ca_parser(commands)
     add_challenge_parser(commands)
+    add_certs_parser(commands)
 
     doctor = commands.add_parser("doctor", help="check the settings and every backend, say what to fix")
     doctor.set_defaults(run=_doctor)
@@ -156,6 +158,7 @@ def _serve(args) -> int:
     config.reset(settings)  # the forked workers inherit these settings
     home = config.build_key_home(settings)
     created = config.ensure_local_ca(settings, home)
+    admin_credential = _admin_credential(settings)
     store = config.build_store(settings)
     store.ping()
     if isinstance(store, SqliteStore):
@@ -165,12 +168,23 @@ def _serve(args) -> int:
 
     def ready(url: str) -> None:
         _print_banner(url, settings, keys.ca.certificate, created, generated, args.workers)
+        if admin_credential:
+            print(f"Admin:       {url}/api/admin/certificates   Authorization: Bearer {admin_credential}", flush=True)
         print(f"Ready: {url}", flush=True)
 
     level = config.log_level(settings) or "warning"
     options = {"bind": _bind_address(args.host, args.port), "workers": args.workers, "loglevel": level}
     ScepServer(options, ready).run()  # returns on SIGTERM/SIGINT, after the workers stopped
     return 0
+
+
+def _admin_credential(settings: config.Settings) -> str | None:
+    """The local admin credential (created once in the data directory); None when admins sign in with Entra ID."""
+    from scep.http.admin_auth import ensure_local_credential
+
+    if settings.admin.mode != "credential":
+        return None
+    return ensure_local_credential(settings.data_dir)[0]
 
 
 def _bind_address(host: str, port: int) -> str:

@@ -216,6 +216,10 @@ class EntraEmulator(EmulatorServer):
         with self._lock:
             return self._issued[client_id]
 
+    def issuer(self, tenant: str = DEFAULT_TENANT) -> str:
+        """The v2.0 issuer of the tenant's access tokens, as its OpenID configuration publishes it."""
+        return f"{self.url}/{tenant}/v2.0"
+
     def authority(self, tenant: str = DEFAULT_TENANT) -> str:
         return f"{self.url}/{tenant}"
 
@@ -234,16 +238,26 @@ class EntraEmulator(EmulatorServer):
     # Tokens
 
     def issue_token(
-        self, tenant: str, audience: str, client_id: str, object_id: str, roles: list[str]
+        self,
+        tenant: str,
+        audience: str,
+        client_id: str,
+        object_id: str,
+        roles: list[str],
+        *,
+        lifetime_seconds: int | None = None,
+        issuer: str | None = None,
     ) -> str:
-        """Sign an access token; used by the endpoints and by tests that need a token directly."""
+        """Sign an access token; used by the endpoints and by tests that need a token directly (a negative
+        lifetime_seconds gives an expired one, issuer another tenant's or cloud's issuer)."""
         now = int(time.time())
+        lifetime = self.token_lifetime_seconds if lifetime_seconds is None else lifetime_seconds
         claims: dict[str, Any] = {
             "aud": audience,
-            "iss": f"{self.url}/{tenant}/v2.0",
-            "iat": now,
-            "nbf": now,
-            "exp": now + self.token_lifetime_seconds,
+            "iss": issuer or self.issuer(tenant),
+            "iat": min(now, now + lifetime),
+            "nbf": min(now, now + lifetime),
+            "exp": now + lifetime,
             "tid": tenant,
             "appid": client_id,
             "azp": client_id,
@@ -330,7 +344,7 @@ class EntraEmulator(EmulatorServer):
         base = f"{self.url}/{tenant}"
         return json_response(
             {
-                "issuer": f"{base}/v2.0",
+                "issuer": self.issuer(tenant),
                 "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
                 "token_endpoint": f"{base}/oauth2/v2.0/token",
                 "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
