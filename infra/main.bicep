@@ -132,6 +132,9 @@ param grantIntunePermissions bool = false
 @description('Name (uniqueName and display name) of the app registration created in federated mode. Empty: generated.')
 param intuneApplicationName string = ''
 
+@description('SCEP_ADMIN_AUDIENCE: client id of an existing admin API app registration (with the app role SCEP.Admin). Empty: the deployment creates one (needs Application.ReadWrite.OwnedBy).')
+param adminClientId string = ''
+
 @description('SCEP_WEBHOOK_SECRET_NAME: Key Vault secret with the shared secret of step-ca style validation webhooks. Empty: webhooks off.')
 param webhookSecretName string = ''
 
@@ -231,6 +234,15 @@ module intuneApplication 'modules/intune-application.bicep' = if (createApplicat
   }
 }
 
+module adminApplication 'modules/admin-application.bicep' = if (empty(adminClientId)) {
+  name: 'admin-application'
+  params: {
+    applicationName: 'scep-admin-${resourceToken}'
+  }
+}
+
+var effectiveAdminClientId = empty(adminClientId) ? adminApplication.outputs.clientId : adminClientId
+
 // The app registration created here (federated mode) wins over the parameter; otherwise the parameter is used.
 var effectiveIntuneClientId = intuneAuth == 'managed-identity' ? '' : (createApplication ? intuneApplication.outputs.clientId : intuneClientId)
 
@@ -268,6 +280,7 @@ module functionApp 'modules/function-app.bicep' = {
     intuneAuth: intuneAuth
     intuneClientSecretName: intuneClientSecretName
     webhookSecretName: webhookSecretName
+    adminClientId: effectiveAdminClientId
   }
 }
 

@@ -9,13 +9,16 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import azure.functions as func
 import pytest
+from cryptography import x509
 
 from scep import config
+from scep.core.issuer import ca_id
 from scep.http import admin_auth, backend, web
 from scep.store import Store
 from tests.conftest import CHALLENGE
@@ -30,9 +33,11 @@ API_URI = "api://scep-admin"
 OPERATOR = "0d0c0b0a-0908-4706-8504-030201000000"
 
 
-def record(store: Store, serial: int, transaction_id: str | None = None) -> None:
-    claim = store.claim(transaction_id or uuid.uuid4().hex, "a1" * 32, timedelta(minutes=5))
-    store.record_issued(claim, make_certificate(claim.transaction_id, serial))
+def record(store: Store, serial: int, issuer_id: str | None = None) -> None:
+    """A certificate recorded as issued by the CA whose ca_id is issuer_id (default: the process's CA)."""
+    claim = store.claim(uuid.uuid4().hex, "a1" * 32, timedelta(minutes=5))
+    issuer_id = issuer_id or ca_id(config.service().custody.keys().ca.certificate)
+    store.record_issued(claim, replace(make_certificate(claim.transaction_id, serial), issuer_sha256=issuer_id))
 
 
 @pytest.fixture
@@ -115,6 +120,10 @@ def test_revoke_is_idempotent_and_keeps_the_first_time_and_reason(local):
     assert first.status == again.status == 200
     first_body, again_body = json.loads(first.body), json.loads(again.body)
     assert not first_body["alreadyRevoked"] and again_body["alreadyRevoked"]
+    assert first_body["crlPublished"] is True
+    ca = config.service().custody.keys().ca.certificate
+    crl = x509.load_der_x509_crl(config.service().store.latest_crl(ca_id(ca)).der)
+    assert crl.get_revoked_certificate_by_serial_number(0x0A1B2C) is not None
     assert again_body["revokedAt"] == first_body["revokedAt"] and again_body["reason"] == "keyCompromise"
     shown = json.loads(call(local, "GET", "/api/admin/certificate", bearer(token), serial="0A1B2C").body)
     assert shown["status"] == "revoked" and shown["revocationReason"] == "keyCompromise"
@@ -340,8 +349,12 @@ def certs_cli(environment: dict[str, str], *arguments: str):
     return run_cli(environment, "certs", *arguments, timeout=60)
 
 
-def _exercise_certs_cli(environment: dict[str, str], store: Store) -> None:
-    record(store, 0x0A1B2C)
+def _exercise_certs_cli(environment: dict[str, str]) -> None:
+    settings = config.load_settings(environment, for_serving=False)
+    home = config.build_key_home(settings)
+    config.ensure_local_ca(settings, home)
+    store = config.build_store(settings)
+    record(store, 0x0A1B2C, ca_id(home.keys().ca.certificate))
     listed = certs_cli(environment, "list", "--subject", "CN=device-", "--status", "issued", "--expiring-within", "400")
     assert listed.returncode == 0 and "0A1B2C" in listed.stdout, listed.stderr
     shown = certs_cli(environment, "show", "--serial", "0a:1b:2c")
@@ -355,18 +368,14 @@ def _exercise_certs_cli(environment: dict[str, str], store: Store) -> None:
     bad = certs_cli(environment, "revoke", "--serial", "nothex", "--reason", "keyCompromise")
     assert bad.returncode == 2 and "hexadecimal" in bad.stderr
     assert store.certificate_by_serial(0x0A1B2C).revocation_reason.value == "keyCompromise"
+    crl = x509.load_der_x509_crl(store.latest_crl(ca_id(home.keys().ca.certificate)).der)
+    assert crl.get_revoked_certificate_by_serial_number(0x0A1B2C) is not None
 
 
 def test_scep_certs_on_sqlite(tmp_path):
-    environment = {"SCEP_DATA_DIR": str(tmp_path)}
-    settings = config.load_settings(environment, for_serving=False)
-    config.ensure_local_ca(settings, config.build_key_home(settings))
-    _exercise_certs_cli(environment, config.build_store(settings))
+    _exercise_certs_cli({"SCEP_DATA_DIR": str(tmp_path)})
 
 
 def test_scep_certs_on_azure_tables(tmp_path, azurite):
-    environment = {"SCEP_DATA_DIR": str(tmp_path), "SCEP_TABLES_CONNECTION_STRING": azurite.connection_string,
-                   "SCEP_TABLE_PREFIX": "t" + uuid.uuid4().hex[:12]}
-    settings = config.load_settings(environment, for_serving=False)
-    config.ensure_local_ca(settings, config.build_key_home(settings))
-    _exercise_certs_cli(environment, config.build_store(settings))
+    _exercise_certs_cli({"SCEP_DATA_DIR": str(tmp_path), "SCEP_TABLES_CONNECTION_STRING": azurite.connection_string,
+                         "SCEP_TABLE_PREFIX": "t" + uuid.uuid4().hex[:12]})

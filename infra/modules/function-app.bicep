@@ -67,6 +67,9 @@ param intuneTenantId string
 param intuneClientId string
 param intuneAuth string
 param intuneClientSecretName string
+
+@description('Client id of the admin API app registration: the audience of admin access tokens.')
+param adminClientId string
 param webhookSecretName string
 
 // A zone-redundant Flex Consumption app always keeps two always-ready instances; ask for them, so that what is
@@ -200,6 +203,18 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'INTUNE_TENANT_ID'
           value: intuneTenantId
+        }
+        {
+          name: 'SCEP_ADMIN_AUTH'
+          value: 'entra'
+        }
+        {
+          name: 'SCEP_ADMIN_TENANT_ID'
+          value: tenant().tenantId
+        }
+        {
+          name: 'SCEP_ADMIN_AUDIENCE'
+          value: adminClientId
         }
         {
           name: 'INTUNE_CLIENT_ID'

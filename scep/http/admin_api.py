@@ -15,9 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from scep.core import revocation
 from scep.core.service import ScepService
 from scep.http import admin_auth
 from scep.http.web import HttpReply, Request
+from scep.keys import CustodyError, KeyHome
 from scep.store import (
     MAX_PAGE_SIZE,
     CertificateQuery,
@@ -25,6 +27,7 @@ from scep.store import (
     IssuedCertificate,
     RevocationReason,
     Revoked,
+    Store,
     StoreError,
     UnknownSerial,
 )
@@ -105,7 +108,7 @@ class InventoryFilter:
     page: str | None = None
 
 
-def list_certificates(service: ScepService, wanted: InventoryFilter) -> dict:
+def list_certificates(store: Store, wanted: InventoryFilter) -> dict:
     now = datetime.now(timezone.utc)
     within = wanted.expiring_within_days
     query = CertificateQuery(
@@ -113,12 +116,12 @@ def list_certificates(service: ScepService, wanted: InventoryFilter) -> dict:
         expires_after=now if within is not None else None,
         expires_before=now + timedelta(days=within) if within is not None else None,
     )
-    page = service.store.find_certificates(query)
+    page = store.find_certificates(query)
     return {"items": [certificate_view(item) for item in page.items], "nextPage": page.next_page}
 
 
-def show_certificate(service: ScepService, serial: int) -> dict:
-    certificate = service.store.certificate_by_serial(serial)
+def show_certificate(store: Store, serial: int) -> dict:
+    certificate = store.certificate_by_serial(serial)
     if certificate is None:
         raise _unknown(serial)
     return certificate_view(certificate)
@@ -128,23 +131,29 @@ def _unknown(serial: int) -> UnknownSerial:
     return UnknownSerial(f"no certificate with serial {serial_hex(serial)} was issued by this CA")
 
 
-def revoke_certificate(service: ScepService, serial: int, reason: RevocationReason) -> dict:
+def revoke_certificate(store: Store, home: KeyHome, serial: int, reason: RevocationReason) -> dict:
     """Revoke (idempotent: revoking again reports the first time and reason), then publish a new CRL and replace
     the certificate's cached OCSP response at once."""
     try:
-        revoked = service.store.revoke(serial, reason, datetime.now(timezone.utc))
+        revoked = store.revoke(serial, reason, datetime.now(timezone.utc))
     except UnknownSerial:
         raise _unknown(serial) from None
+    view = revocation_view(revoked)
     if not revoked.already:
         log.warning("certificate %s revoked (%s)", serial_hex(serial), reason.value)
-        _publish(service, revoked)
-    return revocation_view(revoked)
+        view["crlPublished"] = _publish(store, home)
+    return view
 
 
-def _publish(service: ScepService, revoked: Revoked) -> None:
-    from scep.core import revocation
-
-    revocation.publish_now(service, revoked.revocation.serial)
+def _publish(store: Store, home: KeyHome) -> bool:
+    """Publish the CRLs the revocation made due; when custody or the store fails, the revocation stands and the
+    next scheduled publication lists it."""
+    try:
+        revocation.publish_due(store, revocation.signing_generations(home))
+    except (CustodyError, StoreError) as error:
+        log.error("revocation recorded, CRL not published now: %s", error)
+        return False
+    return True
 
 
 def certificate_view(certificate: IssuedCertificate) -> dict:
@@ -204,17 +213,17 @@ def _list(service: ScepService, request: Request) -> dict:
         limit=parse_count("limit", params.get("limit") or str(DEFAULT_PAGE_SIZE), 1, MAX_PAGE_SIZE),
         page=params.get("page") or None,
     )
-    return list_certificates(service, wanted)
+    return list_certificates(service.store, wanted)
 
 
 def _show(service: ScepService, request: Request) -> dict:
-    return show_certificate(service, parse_serial(_required(request.params, "serial")))
+    return show_certificate(service.store, parse_serial(_required(request.params, "serial")))
 
 
 def _revoke(service: ScepService, request: Request) -> dict:
     fields = _body_fields(request)
     serial = parse_serial(_required(fields, "serial"))
-    return revoke_certificate(service, serial, parse_reason(_required(fields, "reason")))
+    return revoke_certificate(service.store, service.custody, serial, parse_reason(_required(fields, "reason")))
 
 
 _ACTIONS: dict[str, Callable[[ScepService, Request], dict]] = {

@@ -8,9 +8,8 @@ import json
 import sys
 
 from scep import config
-from scep.core.service import ScepService
 from scep.http import admin_api
-from scep.store import UnknownSerial
+from scep.store import Store, UnknownSerial
 
 
 def add_certs_parser(commands) -> None:
@@ -52,13 +51,17 @@ _status = _argument(admin_api.parse_status)
 _days = _argument(lambda text: admin_api.parse_count("--expiring-within", text, 0, admin_api.MAX_DAYS))
 
 
-def _service() -> ScepService:
-    return config.build_service(config.load_settings(for_serving=False))
+def _settings() -> config.Settings:
+    return config.load_settings(for_serving=False)
+
+
+def _store() -> Store:
+    return config.build_store(_settings())
 
 
 def _list(args) -> int:
     wanted = admin_api.InventoryFilter(args.subject, args.status, args.expiring_within, args.limit, args.page)
-    page = admin_api.list_certificates(_service(), wanted)
+    page = admin_api.list_certificates(_store(), wanted)
     if args.json:
         print(json.dumps(page, indent=2))
         return 0
@@ -71,7 +74,7 @@ def _list(args) -> int:
 
 def _show(args) -> int:
     try:
-        print(json.dumps(admin_api.show_certificate(_service(), args.serial), indent=2))
+        print(json.dumps(admin_api.show_certificate(_store(), args.serial), indent=2))
     except UnknownSerial as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -80,7 +83,9 @@ def _show(args) -> int:
 
 def _revoke(args) -> int:
     try:
-        result = admin_api.revoke_certificate(_service(), args.serial, args.reason)
+        settings = _settings()
+        store, home = config.build_store(settings), config.build_key_home(settings)
+        result = admin_api.revoke_certificate(store, home, args.serial, args.reason)
     except UnknownSerial as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -220,7 +220,19 @@ def test_only_the_graph_module_uses_an_extension() -> None:
     with_extensions = {
         p.name: set(parsed(p).get("extensions", {})) for p in bicep_files() if parsed(p).get("extensions")
     }
-    assert with_extensions == {"intune-application.bicep": {GRAPH_EXTENSION}}
+    graph_modules = ("intune-application.bicep", "admin-application.bicep")
+    assert with_extensions == {name: {GRAPH_EXTENSION} for name in graph_modules}
+
+
+def test_the_admin_api_accepts_only_its_app_registration_with_the_admin_role() -> None:
+    from scep.config import SETTINGS
+
+    text = (INFRA / "modules" / "admin-application.bicep").read_text()
+    default_role = next(setting.default for setting in SETTINGS if setting.name == "SCEP_ADMIN_ROLE")
+    assert f"value: '{default_role}'" in text and "requestedAccessTokenVersion: 2" in text
+    assert "appRoleAssignmentRequired: true" in text
+    settings = app_settings()
+    assert settings["SCEP_ADMIN_AUTH"] == "entra" and settings["SCEP_ADMIN_AUDIENCE"] == "adminClientId"
 
 
 def test_bicepconfig_registers_the_graph_extension() -> None:
@@ -823,11 +835,11 @@ def test_checkov_skips_are_each_justified(checkov_report: dict[str, Any]) -> Non
 
 
 def test_checkov_parses_everything_but_the_graph_module(checkov_report: dict[str, Any]) -> None:
-    # checkov pins pycep-parser 0.5.1, which has no `extension` statement: it cannot read the Graph module.
+    # checkov pins pycep-parser 0.5.1, which has no `extension` statement: it cannot read the Graph modules.
     # That module holds only Microsoft.Graph resources, for which checkov has no checks; the pycep tests above
     # parse it with a current pycep.
     unparsed = {Path(p).name for p in checkov_report["results"]["parsing_errors"]}
-    assert unparsed <= {"intune-application.bicep"}
+    assert unparsed <= {"intune-application.bicep", "admin-application.bicep"}
 
 
 # ---------------------------------------------------------------------------------------------------- postprovision
