@@ -7,6 +7,8 @@ Layout in the vault:
                           served by GetNextCACert), retired (an earlier CA), pending (waiting for its
                           certificate), bootstrap (a short-lived helper version, see begin()).
   certificate <ra_name>   versions of the RA, tagged the same way (current is the live RA).
+  certificate <ocsp_name> versions of the delegated OCSP signer (digitalSignature; EKU OCSPSigning), tagged
+                          the same way; optional (without it the CA key signs OCSP answers).
   secret <ca_name>-chain-<version>
                           the PEM certificates above that CA version (subordinate CA only). Key Vault
                           stores a merged chain inside the certificate's own secret, but GET certificate
@@ -315,6 +317,8 @@ def _newest(versions: Iterable[_Version], role: str, slot: str | None = None) ->
 class KeyVaultHome:
     """KeyHome backed by Azure Key Vault certificates with non-exportable keys."""
 
+    ocsp_name = "scep-ocsp"  # the delegated OCSP signer's certificate
+
     def __init__(
         self,
         clients: KeyVaultClients,
@@ -439,6 +443,22 @@ class KeyVaultHome:
             ra_encryption=self._ra_encryption(ra),
         )
 
+    # The delegated OCSP signer and the keys of retired CAs (they sign CRLs and OCSP answers)
+
+    def _ocsp_versions(self) -> list[_Version]:
+        return self._list_versions(self.ocsp_name)
+
+    def ocsp_signer(self) -> KeyVaultKeyHandle | None:
+        """Read from the vault now (one listing); the OCSP responder caches what it gets."""
+        current = _newest(self._ocsp_versions(), ROLE_CURRENT)
+        return None if current is None else self._handle(current)
+
+    def retired_handle(self, certificate: x509.Certificate) -> KeyVaultKeyHandle:
+        for item in self._list_versions(self.ca_name):
+            if item.role == ROLE_RETIRED and item.enabled and self._handle(item).certificate == certificate:
+                return self._handle(item)
+        raise CustodyError(f"Key Vault certificate '{self.ca_name}' has no retired version for that CA certificate")
+
     def _handle(self, item: _Version) -> KeyVaultKeyHandle:
         cache_key = (item.name, item.version)
         handle = self._handles.get(cache_key)
@@ -522,7 +542,7 @@ class KeyVaultHome:
     # Lifecycle (KeyHome)
 
     def _name_for(self, slot: Slot) -> str:
-        return self.ra_name if slot == Slot.RA else self.ca_name
+        return {Slot.RA: self.ra_name, Slot.OCSP: self.ocsp_name}.get(slot, self.ca_name)
 
     @staticmethod
     def _live_role(slot: Slot) -> str:
@@ -570,11 +590,10 @@ class KeyVaultHome:
             raise CustodyError(f"unsupported key type {spec.kty!r}")
         if slot == Slot.RA and kty != "RSA":
             raise CustodyError("the RA key must be RSA: it unwraps the keys of requests")
-        usages = (
-            [KeyUsageType.digital_signature, KeyUsageType.key_encipherment]
-            if slot == Slot.RA
-            else [KeyUsageType.digital_signature, KeyUsageType.key_cert_sign, KeyUsageType.crl_sign]
-        )
+        usages = {
+            Slot.RA: [KeyUsageType.digital_signature, KeyUsageType.key_encipherment],
+            Slot.OCSP: [KeyUsageType.digital_signature],
+        }.get(slot, [KeyUsageType.digital_signature, KeyUsageType.key_cert_sign, KeyUsageType.crl_sign])
         return CertificatePolicy(
             issuer_name=issuer,
             subject=subject.rfc4514_string(),
@@ -739,13 +758,15 @@ class KeyVaultHome:
         self.invalidate()
 
     def inventory(self) -> list[KeyInfo]:
-        """The live keys: current CA, next CA (if any) and the current RA (retired CAs are in keys().retired)."""
+        """The live keys: current CA, next CA (if any), the current RA and OCSP signer (retired CAs are in
+        keys().retired)."""
         ca_versions = self._list_versions(self.ca_name)
         ra_versions = self._list_versions(self.ra_name)
         wanted = [
             (Slot.CA, _newest(ca_versions, ROLE_CURRENT)),
             (Slot.NEXT_CA, _newest(ca_versions, ROLE_NEXT)),
             (Slot.RA, _newest(ra_versions, ROLE_CURRENT)),
+            (Slot.OCSP, _newest(self._ocsp_versions(), ROLE_CURRENT)),
         ]
         return [self._key_info(slot, item) for slot, item in wanted if item is not None]
 

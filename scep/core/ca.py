@@ -1,22 +1,39 @@
-"""The CA lifecycle, one implementation for every custody backend: init, subordinate, RA, rollover, promote."""
+"""The CA lifecycle, one implementation for every custody backend: init, subordinate, RA, OCSP signer, rollover,
+promote.
+
+The delegated OCSP signer (`issue_ocsp_signer`) is optional: without one (or once it has expired) the OCSP
+responder signs with the CA key itself, which RFC 6960 section 4.2.2.2 allows. It is short-lived (90 days by
+default) because it carries id-pkix-ocsp-nocheck and so cannot itself be revoked; promote issues a new one under
+the new CA when one existed.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scep.core.issuer import ca_certificate, is_ca_certificate, ra_certificate, sign_certificate
+from scep.core.issuer import (
+    ca_certificate,
+    is_ca_certificate,
+    ocsp_signer_certificate,
+    ra_certificate,
+    sign_certificate,
+)
 from scep.keys import CustodyError, KeyHandle, KeyHome, KeySpec, Slot
 
 log = logging.getLogger("scep.core.ca")
 
 DEFAULT_CA_SUBJECT = "CN=SCEP Root CA,O=scep-intune-ca"
 DEFAULT_RA_SUBJECT = "CN=SCEP RA,O=scep-intune-ca"
+DEFAULT_OCSP_SUBJECT = "CN=SCEP OCSP Responder,O=scep-intune-ca"
+DEFAULT_OCSP_DAYS = 90
 RA_MIN_RSA_BITS = 2048
 ENCRYPTION_SERIAL_ATTEMPTS = 16
 SERIAL_MAX_BITS = 159  # 20 octets with the sign bit clear (RFC 5280 section 4.1.2.2)
@@ -87,15 +104,45 @@ def import_signed(home: KeyHome, certificate: x509.Certificate, chain: list[x509
 
 def issue_ra(home: KeyHome, subject: str = DEFAULT_RA_SUBJECT, days: int = 730) -> x509.Certificate:
     """Issue (or renew, with a new key) the RA certificate under the current CA, and its encryption certificate."""
+    certificate, ca = _issue_under_ca(home, Slot.RA, ra_spec, subject, days, ra_certificate)
+    _attach_encryption(home, certificate, ca)
+    return certificate
+
+
+def issue_ocsp_signer(
+    home: KeyHome, subject: str = DEFAULT_OCSP_SUBJECT, days: int = DEFAULT_OCSP_DAYS
+) -> x509.Certificate:
+    """Issue (or renew, with a new key) the delegated OCSP signer under the current CA."""
+    return _issue_under_ca(home, Slot.OCSP, signer_spec, subject, days, ocsp_signer_certificate)[0]
+
+
+def _issue_under_ca(
+    home: KeyHome,
+    slot: Slot,
+    spec_for: Callable[[x509.Certificate, KeyHome], KeySpec],
+    subject: str,
+    days: int,
+    build: Callable[[x509.Name, Any, KeyHandle, int], x509.Certificate],
+) -> tuple[x509.Certificate, KeyHandle]:
+    """A new key in slot and its certificate, issued by the current CA; (certificate, the CA's handle)."""
     if not home.exists(Slot.CA):
         raise LifecycleError("there is no CA: run `scep ca init` first")
     ca = home.handle(Slot.CA)
-    pending = home.begin(Slot.RA, ra_spec(ca.certificate, home), parse_subject(subject))
-    public_key = serialization.load_der_public_key(pending.public_key_der)
-    certificate = ra_certificate(parse_subject(subject), public_key, ca, days)
-    home.complete(Slot.RA, certificate, [])
-    _attach_encryption(home, certificate, ca)
-    return certificate
+    name = parse_subject(subject)
+    pending = home.begin(slot, spec_for(ca.certificate, home), name)
+    certificate = build(name, serialization.load_der_public_key(pending.public_key_der), ca, days)
+    home.complete(slot, certificate, [])
+    return certificate, ca
+
+
+def signer_spec(ca: x509.Certificate, home: KeyHome) -> KeySpec:
+    """The OCSP signer's key: the CA's kind and size (or curve), in an HSM when the CA key is."""
+    public_key = ca.public_key()
+    hardware = any(info.hardware for info in home.inventory() if info.slot is Slot.CA)
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return KeySpec(kty="RSA", size=max(public_key.key_size, RA_MIN_RSA_BITS), hsm=hardware)
+    curve = {"secp384r1": "P-384"}.get(public_key.curve.name, "P-256")
+    return KeySpec(kty="EC", curve=curve, hsm=hardware)
 
 
 def ra_encryption_certificate(ra: x509.Certificate, ca: KeyHandle) -> x509.Certificate:
@@ -174,8 +221,11 @@ def promote(home: KeyHome) -> x509.Certificate:
     """Make the next CA current and issue a new RA under it."""
     if not home.exists(Slot.NEXT_CA):
         raise LifecycleError("there is no next CA: run `scep ca rollover` first")
+    had_ocsp_signer = home.exists(Slot.OCSP)
     home.promote()
     issue_ra(home)
+    if had_ocsp_signer:
+        issue_ocsp_signer(home)
     return home.keys().ca.certificate
 
 

@@ -2,7 +2,18 @@
 
 Certificates are assembled with `cryptography`'s builder, and the signature comes from a `KeyHandle`, so the
 CA key never has to be in this process: the builder signs with a throwaway Ed25519 key, the TBSCertificate is
-given the CA's signature algorithm, and custody signs its digest.
+given the CA's signature algorithm, and custody signs its digest. `sign_through_custody` is that step for any
+signed DER structure (certificates here, CRLs and OCSP responses in scep.core.revocation and scep.core.ocsp):
+one key operation per structure.
+
+Where to check revocation: with `Profile.public_base_url` set (e.g. "http://pki.example.com"; plain HTTP is
+what RFC 5280 section 4.2.1.13 and RFC 5019 expect, and avoids TLS to check TLS), every device certificate
+names, for the CA generation that issued it (`ca_id`: the lower-case hex SHA-256 of the CA certificate's DER,
+the same value the store records as issuer_sha256):
+  CRL Distribution Point   <base>/api/crl/<ca_id>.crl   the latest CRL, DER
+  AIA caIssuers            <base>/api/ca/<ca_id>.der    the issuing CA certificate, DER
+  AIA OCSP                 <base>/api/ocsp              the OCSP responder (POST, or GET <base>/api/ocsp/<base64>)
+None (the default) leaves the three out.
 """
 
 from __future__ import annotations
@@ -65,6 +76,35 @@ class Profile:
     max_rsa_bits: int = 8192
     allowed_ekus: frozenset = field(default_factory=lambda: DEFAULT_ALLOWED_EKUS)
     backdate: timedelta = BACKDATE
+    public_base_url: str | None = None  # where CRLs, CA certificates and OCSP are served; None: not named
+
+
+def ca_id(ca: x509.Certificate) -> str:
+    """The identifier of a CA generation in URLs and in the store: lower-case hex SHA-256 of its DER."""
+    return fingerprint(ca).lower()
+
+
+def crl_url(base_url: str, ca: x509.Certificate) -> str:
+    return f"{base_url.rstrip('/')}/api/crl/{ca_id(ca)}.crl"
+
+
+def ca_certificate_url(base_url: str, ca: x509.Certificate) -> str:
+    return f"{base_url.rstrip('/')}/api/ca/{ca_id(ca)}.der"
+
+
+def ocsp_url(base_url: str) -> str:
+    return f"{base_url.rstrip('/')}/api/ocsp"
+
+
+def revocation_pointers(base_url: str, ca: x509.Certificate) -> list[x509.ExtensionType]:
+    """CRL Distribution Points and Authority Information Access (OCSP, caIssuers) for a certificate of ca."""
+    uri = x509.UniformResourceIdentifier
+    distribution = x509.DistributionPoint([uri(crl_url(base_url, ca))], None, None, None)
+    access = [
+        x509.AccessDescription(x509.AuthorityInformationAccessOID.OCSP, uri(ocsp_url(base_url))),
+        x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, uri(ca_certificate_url(base_url, ca))),
+    ]
+    return [x509.CRLDistributionPoints([distribution]), x509.AuthorityInformationAccess(access)]
 
 
 def random_serial() -> int:
@@ -123,10 +163,13 @@ def device_certificate(
         .add_extension(_key_usage(csr, requested.get(x509.KeyUsage)), critical=True)
         .add_extension(_extended_key_usage(requested.get(x509.ExtendedKeyUsage), profile), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
-        .add_extension(_authority_key_id(ca_certificate), critical=False)
+        .add_extension(authority_key_id(ca_certificate), critical=False)
     )
     if san is not None:
         builder = builder.add_extension(san, critical=len(csr.subject) == 0)
+    if profile.public_base_url:
+        for pointer in revocation_pointers(profile.public_base_url, ca_certificate):
+            builder = builder.add_extension(pointer, critical=False)
     return sign_certificate(builder, ca)
 
 
@@ -154,48 +197,88 @@ def ca_certificate(
         .add_extension(ski, critical=False)
     )
     if issuer is not None:
-        builder = builder.add_extension(_authority_key_id(issuer), critical=False)
+        builder = builder.add_extension(authority_key_id(issuer), critical=False)
     return sign_certificate(builder, signer, public_key if issuer is None else issuer.public_key())
 
 
 def ra_certificate(subject: x509.Name, public_key, ca: KeyHandle, days: int) -> x509.Certificate:
     """The RA certificate: digitalSignature + keyEncipherment, issued by the CA, never a CA itself."""
-    now = datetime.now(timezone.utc)
-    ca_cert = ca.certificate
-    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
+    builder = _service_certificate(subject, public_key, ca.certificate, days).add_extension(
+        _usage(digital_signature=True, key_encipherment=True), critical=True
+    )
+    return sign_certificate(builder, ca)
+
+
+def ocsp_signer_certificate(subject: x509.Name, public_key, ca: KeyHandle, days: int) -> x509.Certificate:
+    """A delegated OCSP responder (RFC 6960 section 4.2.2.2): digitalSignature, EKU id-kp-OCSPSigning, and
+    id-pkix-ocsp-nocheck, so clients do not ask about the responder's own status (section 4.2.2.2.1)."""
     builder = (
+        _service_certificate(subject, public_key, ca.certificate, days)
+        .add_extension(_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+    )
+    return sign_certificate(builder, ca)
+
+
+def _service_certificate(subject: x509.Name, public_key, ca_cert: x509.Certificate, days: int):
+    """The common part of the CA's own end-entity certificates (RA, OCSP signer), ending with the CA."""
+    now = datetime.now(timezone.utc)
+    return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(random_serial())
         .not_valid_before(now - BACKDATE)
-        .not_valid_after(not_after)
+        .not_valid_after(min(now + timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_usage(digital_signature=True, key_encipherment=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(_authority_key_id(ca_cert), critical=False)
+        .add_extension(authority_key_id(ca_cert), critical=False)
     )
-    return sign_certificate(builder, ca)
 
 
 def sign_certificate(builder: x509.CertificateBuilder, signer: KeyHandle, signer_public_key=None) -> x509.Certificate:
     """Sign a certificate through custody: TBSCertificate -> digest -> KeyHandle.sign_digest -> Certificate."""
+    tbs = draft(builder).tbs_certificate_bytes
+    field_index = 2 if tbs_fields(tbs)[0][0] == 0xA0 else 1  # after version (if any) and serialNumber
+    signed = sign_through_custody(tbs, signer, signer_public_key, algorithm_field=field_index)
+    return x509.load_der_x509_certificate(signed)
+
+
+def draft(builder):
+    """What a cryptography builder makes when it signs with a throwaway Ed25519 key: only its to-be-signed part
+    is used, re-signed through custody by sign_through_custody."""
+    return builder.sign(_throwaway_key(), None)
+
+
+def tbs_fields(tbs: bytes) -> list[bytes]:
+    """The encoded fields of a DER SEQUENCE."""
+    return der.elements(der.contents(tbs))
+
+
+def sign_through_custody(
+    tbs: bytes,
+    signer: KeyHandle,
+    signer_public_key=None,
+    *,
+    algorithm_field: int | None,
+    trailer: bytes = b"",
+) -> bytes:
+    """SEQUENCE { tbs, AlgorithmIdentifier, BIT STRING signature, trailer }, signed by one custody operation.
+
+    algorithm_field: the index of tbs's own copy of the signature AlgorithmIdentifier (TBSCertificate,
+    TBSCertList), replaced by the signer's; None when tbs carries none (OCSP ResponseData). trailer: what follows
+    the signature (the certificates of a BasicOCSPResponse)."""
     public_key = signer_public_key or signer.certificate.public_key()
     hash_name, algorithm_der = _signature_algorithm(public_key)
-    draft = builder.sign(_throwaway_key(), None)
-    tbs = _replace_tbs_signature_algorithm(draft.tbs_certificate_bytes, algorithm_der)
+    if algorithm_field is not None:
+        fields = tbs_fields(tbs)
+        fields[algorithm_field] = algorithm_der
+        tbs = der.sequence(*fields)
     digest = hashlib.new(hash_name, tbs).digest()
     signature = signer.sign_digest(digest, hash_name, SignaturePadding.PKCS1V15)
-    return x509.load_der_x509_certificate(der.sequence(tbs, algorithm_der, der.bit_string(signature)))
-
-
-def _replace_tbs_signature_algorithm(tbs: bytes, algorithm_der: bytes) -> bytes:
-    """Swap the `signature` AlgorithmIdentifier of a DER TBSCertificate (after version and serialNumber)."""
-    fields = der.elements(der.contents(tbs))
-    index = 2 if fields[0][0] == 0xA0 else 1
-    fields[index] = algorithm_der
-    return der.sequence(*fields)
+    return der.sequence(tbs, algorithm_der, der.bit_string(signature), trailer)
 
 
 def is_ca_certificate(certificate: x509.Certificate) -> bool:
@@ -208,6 +291,24 @@ def is_ca_certificate(certificate: x509.Certificate) -> bool:
 @lru_cache(maxsize=1)
 def _throwaway_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
+
+
+@lru_cache(maxsize=1)
+def throwaway_certificate() -> x509.Certificate:
+    """A certificate over the throwaway key, for builders that insist on a certificate matching the key they sign
+    with (OCSP's responder_id); the caller replaces what it names before custody signs."""
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "draft")])
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(_throwaway_key().public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+    )
+    return draft(builder)
 
 
 def _signature_algorithm(public_key) -> tuple[str, bytes]:
@@ -264,7 +365,7 @@ def _extended_key_usage(requested: x509.ExtendedKeyUsage | None, profile: Profil
     return requested
 
 
-def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     try:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)

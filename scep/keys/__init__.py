@@ -176,11 +176,12 @@ class Custody(Protocol):
 
 
 class Slot(str, Enum):
-    """Where a key sits in the CA's life: the current CA, a rolled-over next CA, the RA."""
+    """Where a key sits in the CA's life: the current CA, a rolled-over next CA, the RA, the OCSP signer."""
 
     CA = "ca"
     NEXT_CA = "next-ca"
     RA = "ra"
+    OCSP = "ocsp"
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,17 @@ class KeyHome(Custody, Protocol):
 
     def attach_ra_encryption(self, certificate: x509.Certificate) -> None:
         """Keep an encryption-only certificate over the current RA's key beside the RA (replacing any earlier one)."""
+        ...
+
+    def ocsp_signer(self) -> KeyHandle | None:
+        """The delegated OCSP signer (EKU id-kp-OCSPSigning, issued by the current CA), None until one is issued.
+
+        Read from the backend at each call (the enrollment path never needs it; the OCSP responder caches it)."""
+        ...
+
+    def retired_handle(self, certificate: x509.Certificate) -> KeyHandle:
+        """The key of a retired CA (one of keys().retired): it still signs CRLs and OCSP answers for the
+        certificates it issued until they expire. CustodyError when that key is gone."""
         ...
 
     def inventory(self) -> list[KeyInfo]: ...

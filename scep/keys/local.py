@@ -2,8 +2,9 @@
 
 Layout of the directory: `<slot>.pem` (certificate), `<slot>.key` (private key, mode 0600), `<slot>.chain.pem`
 (certificates above a subordinate CA), `<slot>.pending.key` (a key waiting for its certificate), `retired/`
-(earlier CA certificates) and `ra.encryption.pem` (the RA's encryption-only certificate over `ra.key`). Slots are
-`ca`, `next-ca` and `ra`.
+(earlier CA certificates, each with its key `ca-<serial hex>.key`, which still signs CRLs and OCSP answers for
+what it issued) and `ra.encryption.pem` (the RA's encryption-only certificate over `ra.key`). Slots are `ca`,
+`next-ca`, `ra` and `ocsp` (the delegated OCSP signer).
 """
 
 from __future__ import annotations
@@ -187,6 +188,15 @@ class LocalHome:
             retired=tuple(c for c in self._retired() if c.not_valid_after_utc > _utcnow()),
             ra_encryption=encryption_twin(ra.certificate, self._ra_encryption()),
         )
+
+    def ocsp_signer(self) -> LocalKey | None:
+        return self.handle(Slot.OCSP) if self.exists(Slot.OCSP) else None
+
+    def retired_handle(self, certificate: x509.Certificate) -> LocalKey:
+        key_path = self.directory / "retired" / f"ca-{certificate.serial_number:x}.key"
+        if not key_path.exists():
+            raise CustodyError(f"the key of retired CA {certificate.subject.rfc4514_string()} is not in {key_path}")
+        return LocalKey(serialization.load_pem_private_key(key_path.read_bytes(), password=None), certificate)
 
     def attach_ra_encryption(self, certificate: x509.Certificate) -> None:
         if encryption_twin(self.handle(Slot.RA).certificate, certificate) is None:
