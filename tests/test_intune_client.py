@@ -29,9 +29,10 @@ from scep.azure.intune import (
     SecretSource,
     build_intune_credential,
 )
-from scep.azure.intune.check import Status, run_check
+from scep.azure.intune.check import run_check
 from scep.azure.intune.client import VALIDATION_SERVICE, iso_utc
 from scep.config import ConfigError, load_settings
+from scep.findings import Status
 from tests.emulators.intune import IntuneTestbed, build_csr
 
 VALIDATE = "/ScepRequestValidationFEService/ScepActions/validateRequest"

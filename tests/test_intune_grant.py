@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from azure.core.credentials import AccessToken
 
-from scep.azure.intune.check import CheckReport, Status
+from scep.azure.intune.check import CheckReport
 from scep.azure.intune.client import INTUNE_API_APP_ID
 from scep.azure.intune.grant import (
     APPLICATION_READ_ALL_ROLE_ID,
@@ -21,6 +21,7 @@ from scep.azure.intune.grant import (
     GraphApi,
     grant_intune_roles,
 )
+from scep.findings import Finding, Status
 from scep.tools import doctor
 
 PRINCIPAL = "11111111-1111-1111-1111-111111111111"
@@ -144,8 +145,23 @@ def test_doctor_gives_each_intune_line_its_own_result(monkeypatch: pytest.Monkey
     monkeypatch.setattr("scep.azure.intune.check.run_check", lambda client: report)
     monkeypatch.setattr(doctor.config, "build_intune_client", lambda settings: None)
     findings = list(doctor._check_intune(None))  # type: ignore[arg-type]
-    assert [(finding.ok, finding.text.split("] ")[1].split(":")[0]) for finding in findings] == [
+    assert [(finding.ok, finding.step.removeprefix("intune: ")) for finding in findings] == [
         (True, "Graph token"),
         (True, "Intune token"),
         (False, "Service discovery"),
+    ]
+
+
+def test_doctor_and_intune_check_print_their_lines_one_way(capsys: pytest.CaptureFixture[str]) -> None:
+    from scep.tools.cli import _print_findings
+
+    warned = [Finding(Status.OK, "obtained", "Graph token"), Finding(Status.WARN, "no role", "Intune token")]
+    assert _print_findings(warned) == 0, "a warning alone is not a failure"
+    assert _print_findings([Finding(Status.FAIL, "RA key cannot sign"), *warned]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "[ok] Graph token: obtained",
+        "[warn] Intune token: no role",
+        "[fail] RA key cannot sign",
+        "[ok] Graph token: obtained",
+        "[warn] Intune token: no role",
     ]

@@ -770,7 +770,7 @@ def test_doctor_names_the_key_usage_when_key_ops_forbid_unwrap(rsa_home: KeyVaul
     keys = rsa_home.keys()
     wrong_ra = dataclasses.replace(keys, ra=keys.ca)  # a key whose certificate has no keyEncipherment
     findings = list(doctor._check_key_operations(wrong_ra))
-    refused = [finding.text for finding in findings if not finding.ok]
+    refused = [finding.message for finding in findings if not finding.ok]
     assert refused == [
         "RA key allows sign, verify only; unwrapKey needs keyEncipherment in the RA certificate's key usage: "
         "run `scep ca ra renew`"
@@ -788,7 +788,7 @@ def test_doctor_keeps_the_rbac_message_for_an_rbac_denial(vault: KeyVaultEmulato
     with time_budget(2.0):
         findings = list(doctor._check_key_operations(keys))
     assert [finding.ok for finding in findings] == [False, False, False]
-    assert all("Key Vault Crypto User" in finding.text and "HTTP 403" in finding.text for finding in findings)
+    assert all("Key Vault Crypto User" in finding.message and "HTTP 403" in finding.message for finding in findings)
 
 
 # No decryption oracle: every blob that does not give a content key gets the same signed FAILURE, on both backends

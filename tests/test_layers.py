@@ -17,7 +17,10 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "scep"
 # (layer, module patterns): a pattern is a module name, or a package name ending in ".*" for all below it.
 # The most specific pattern decides a module's layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("primitives", ("scep", "scep.appsettings", "scep.logs", "scep.core", "scep.core.protocol", "scep.core.der")),
+    (
+        "primitives",
+        ("scep", "scep.appsettings", "scep.findings", "scep.logs", "scep.core", "scep.core.protocol", "scep.core.der"),
+    ),
     ("interfaces", ("scep.keys", "scep.store", "scep.challenge")),
     ("core", ("scep.core.*",)),
     ("local backends", ("scep.keys.*", "scep.store.*", "scep.challenge.static", "scep.challenge.composite")),

@@ -6,6 +6,7 @@ import argparse
 import os
 import secrets
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from scep import __version__, config, logs
 from scep.core.ca import CaOptions, LifecycleError
 from scep.core.issuer import fingerprint
+from scep.findings import Finding
 from scep.keys import CustodyError, KeySpec, Slot
 from scep.store.sqlite import SqliteStore
 from scep.tools.certs import add_certs_parser
@@ -364,21 +366,24 @@ def _load_certificate(data: bytes) -> x509.Certificate:
 def _doctor(args) -> int:
     from scep.tools.doctor import run_doctor
 
-    ok = True
-    for line in run_doctor():
-        ok = ok and line.ok
-        print(f"[{'ok' if line.ok else 'FAIL'}] {line.text}")
-    return 0 if ok else 1
+    return _print_findings(run_doctor())
 
 
 def _intune_check(args) -> int:
     from scep.azure.intune.check import run_check
 
     settings = config.load_settings()
-    report = run_check(config.build_intune_client(settings))
-    for line in report.lines:
-        print(line)
-    return 0 if report.ok else 1
+    return _print_findings(run_check(config.build_intune_client(settings)).lines)
+
+
+def _print_findings(findings: Iterable[Finding]) -> int:
+    """One line per finding as it comes ("[ok] step: message"); exit status 1 when any of them failed."""
+    failed = False
+    for finding in findings:
+        failed = failed or not finding.ok
+        step = f"{finding.step}: " if finding.step else ""
+        print(f"[{finding.status.value}] {step}{finding.message}", flush=True)
+    return 1 if failed else 0
 
 
 def _intune_grant(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from cryptography import x509
@@ -14,25 +14,21 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from scep import config
 from scep.core.issuer import fingerprint, is_ca_certificate
+from scep.findings import Finding, Status
 from scep.keys import CaKeys, CustodyError, KeyOperationForbidden, KeyTransport
 from scep.store import StoreError
 
 EXPIRY_WARNING = timedelta(days=30)
 
 
-@dataclass(frozen=True)
-class Finding:
-    ok: bool
-    text: str
-
-
 def run_doctor() -> Iterator[Finding]:
     try:
         settings = config.load_settings()
     except config.ConfigError as error:
-        yield Finding(False, f"settings: {error}")
+        yield Finding(Status.FAIL, str(error), "settings")
         return
-    yield Finding(True, f"settings: challenge mode {','.join(sorted(settings.modes))}, store {settings.store_kind}")
+    modes = ",".join(sorted(settings.modes))
+    yield Finding(Status.OK, f"challenge mode {modes}, store {settings.store_kind}", "settings")
     yield from _check_custody(settings)
     yield from _check_store(settings)
     if "intune" in settings.modes:
@@ -45,9 +41,9 @@ def _check_custody(settings: config.Settings) -> Iterator[Finding]:
         keys = home.keys()
     except CustodyError as error:
         hint = "run `scep ca init`" if "init" not in str(error) else ""
-        yield Finding(False, f"keys ({home.describe()}): {error} {hint}".rstrip())
+        yield Finding(Status.FAIL, f"keys ({home.describe()}): {error} {hint}".rstrip())
         return
-    yield Finding(True, f"keys: {home.describe()}")
+    yield Finding(Status.OK, home.describe(), "keys")
     yield from _check_certificates(keys)
     yield from _check_key_operations(keys)
 
@@ -57,34 +53,34 @@ def _check_certificates(keys: CaKeys) -> Iterator[Finding]:
     for role, certificate in (("CA", keys.ca.certificate), ("RA", keys.ra.certificate)):
         remaining = certificate.not_valid_after_utc - now
         if remaining <= timedelta(0):
-            yield Finding(False, f"{role} certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
+            yield Finding(Status.FAIL, f"{role} certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
         elif remaining < EXPIRY_WARNING:
             action = "`scep ca ra renew`" if role == "RA" else "`scep ca rollover`, then `scep ca promote`"
-            yield Finding(False, f"{role} certificate expires in {remaining.days} days: run {action}")
+            yield Finding(Status.FAIL, f"{role} certificate expires in {remaining.days} days: run {action}")
         else:
             until = f"{certificate.not_valid_after_utc:%Y-%m-%d}"
             yield Finding(
-                True,
+                Status.OK,
                 f"{role} {certificate.subject.rfc4514_string()} valid until {until} "
                 f"(SHA-256 {fingerprint(certificate)[:16]}…)",
             )
     ca, ra = keys.ca.certificate, keys.ra.certificate
     if not is_ca_certificate(ca):
-        yield Finding(False, "the CA certificate lacks basicConstraints CA:true: re-run `scep ca init --force`")
+        yield Finding(Status.FAIL, "the CA certificate lacks basicConstraints CA:true: re-run `scep ca init --force`")
     if _issued_by(ra, ca):
-        yield Finding(True, "RA is issued by the current CA")
+        yield Finding(Status.OK, "RA is issued by the current CA")
     else:
-        yield Finding(False, "the RA was not issued by the current CA: run `scep ca ra issue`")
+        yield Finding(Status.FAIL, "the RA was not issued by the current CA: run `scep ca ra issue`")
     if keys.chain:
         chained = _issued_by(ca, keys.chain[0]) and all(map(_issued_by, keys.chain, keys.chain[1:]))
-        yield Finding(
+        yield Finding.of(
             chained,
             f"subordinate CA chain of {len(keys.chain)} certificate(s) "
             + ("verifies" if chained else "does not verify: re-run `scep ca import` with the right chain"),
         )
     usage = ra.extensions.get_extension_for_class(x509.KeyUsage).value
     if not (usage.digital_signature and usage.key_encipherment):
-        yield Finding(False, "the RA lacks digitalSignature + keyEncipherment: run `scep ca ra issue`")
+        yield Finding(Status.FAIL, "the RA lacks digitalSignature + keyEncipherment: run `scep ca ra issue`")
 
 
 def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -107,19 +103,19 @@ def _check_key_operations(keys: CaKeys) -> Iterator[Finding]:
     for role, handle in (("CA", keys.ca), ("RA", keys.ra)):
         try:
             handle.sign_digest(digest, "sha256")
-            yield Finding(True, f"{role} key signs")
+            yield Finding(Status.OK, f"{role} key signs")
         except CustodyError as error:
             yield _refusal(role, "sign", error)
     public_key = keys.ra.certificate.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
-        yield Finding(False, "the RA key is not RSA: SCEP key transport needs RSA; run `scep ca ra issue`")
+        yield Finding(Status.FAIL, "the RA key is not RSA: SCEP key transport needs RSA; run `scep ca ra issue`")
         return
     secret = os.urandom(16)
     try:
         recovered = keys.ra.unwrap_key(public_key.encrypt(secret, padding.PKCS1v15()), KeyTransport.RSA_PKCS1V15)
         ok = recovered == secret
         text = "decrypts request keys (unwrapKey)" if ok else "unwraps wrongly: the RA certificate and key differ"
-        yield Finding(ok, f"RA key {text}")
+        yield Finding.of(ok, f"RA key {text}")
     except CustodyError as error:
         yield _refusal("RA", "unwrapKey", error)
 
@@ -128,7 +124,7 @@ def _refusal(role: str, operation: str, error: CustodyError) -> Finding:
     """Why a key operation failed: the key's own key_ops (its certificate's key usage), or the caller's rights."""
     if not isinstance(error, KeyOperationForbidden):
         return Finding(
-            False, f"{role} key cannot {operation} ({error}): grant the identity {operation} on keys "
+            Status.FAIL, f"{role} key cannot {operation} ({error}): grant the identity {operation} on keys "
             "(Key Vault Crypto User)"
         )
     try:
@@ -136,7 +132,7 @@ def _refusal(role: str, operation: str, error: CustodyError) -> Finding:
     except CustodyError as lookup:
         allowed = f"other operations (reading its key_ops failed: {lookup})"
     return Finding(
-        False,
+        Status.FAIL,
         f"{role} key allows {allowed} only; {operation} needs {_OPERATION_NEEDS[operation]} in the "
         f"{role} certificate's key usage: run {_REISSUE[role]}",
     )
@@ -146,14 +142,13 @@ def _check_store(settings: config.Settings) -> Iterator[Finding]:
     try:
         store = config.build_store(settings)
         store.ping()
-        yield Finding(True, f"store: {store.describe()}")
+        yield Finding(Status.OK, store.describe(), "store")
     except StoreError as error:
-        yield Finding(False, f"store unreachable: {error}")
+        yield Finding(Status.FAIL, f"store unreachable: {error}")
 
 
 def _check_intune(settings: config.Settings) -> Iterator[Finding]:
     from scep.azure.intune.check import run_check
 
     report = run_check(config.build_intune_client(settings))
-    for line in report.lines:
-        yield Finding(line.ok, f"intune: {line}")
+    yield from (replace(line, step=f"intune: {line.step}") for line in report.lines)

@@ -13,7 +13,6 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from cryptography import x509
@@ -35,39 +34,19 @@ from scep.azure.intune.client import (
     IntuneHttpError,
     IntuneServiceNotFound,
 )
-
-
-class Status(str, Enum):
-    OK = "ok"
-    WARN = "warn"
-    FAIL = "fail"
-
-
-@dataclass(frozen=True)
-class CheckLine:
-    status: Status
-    step: str
-    message: str
-
-    @property
-    def ok(self) -> bool:
-        """This step's own outcome: a warning is not a failure."""
-        return self.status is not Status.FAIL
-
-    def __str__(self) -> str:
-        return f"[{self.status.value:>4}] {self.step}: {self.message}"
+from scep.findings import Finding, Status
 
 
 @dataclass
 class CheckReport:
-    lines: list[CheckLine] = field(default_factory=list)
+    lines: list[Finding] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return all(line.ok for line in self.lines)
 
     def add(self, status: Status, step: str, message: str) -> None:
-        self.lines.append(CheckLine(status, step, message))
+        self.lines.append(Finding(status, message, step))
 
 
 def run_check(client: IntuneClient) -> CheckReport:
