@@ -4,6 +4,7 @@ due, concurrently), and the OCSP responder (answers checked by OpenSSL and crypt
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import subprocess
 import threading
 import uuid
@@ -463,3 +464,36 @@ def test_ocsp_store_failure_is_try_later(responder_parts, home: LocalHome, tmp_p
     answer = responder.respond(ocsp_request(certificate, keys.ca.certificate))
     assert answer.status == "tryLater"
     assert ocsp.load_der_ocsp_response(answer.der).response_status is ocsp.OCSPResponseStatus.TRY_LATER
+
+
+def _revoke_and_publish_in_child(database: Path, keys_directory: Path, serial: int, start, results) -> None:
+    store, home = SqliteStore(database), LocalHome(keys_directory)
+    start.wait()
+    store.revoke(serial, RevocationReason.SUPERSEDED, datetime.now(timezone.utc))
+    results.put([p.number for p in publish_due(store, signing_generations(home)).publications if p.published])
+
+
+def test_publisher_processes_on_sqlite_lose_no_revocation(home: LocalHome, store: SqliteStore) -> None:
+    ca = home.keys().ca
+    certificates = [enroll(store, ca, f"p{index}") for index in range(4)]
+    publish_due(store, signing_generations(home))
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(4), context.Queue()
+    children = [
+        context.Process(
+            target=_revoke_and_publish_in_child,
+            args=(store.path, home.directory, certificate.serial_number, start, results),
+        )
+        for certificate in certificates
+    ]
+    for child in children:
+        child.start()
+    published = [number for _ in children for number in results.get(timeout=60)]
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    assert len(published) == len(set(published))
+    latest = store.latest_crl(ca_id(ca.certificate))
+    assert latest.number == max(published) and latest.revision == 4
+    crl = x509.load_der_x509_crl(latest.der)
+    assert {revoked.serial_number for revoked in crl} == {c.serial_number for c in certificates}

@@ -52,7 +52,7 @@ from scep.store import (
 
 DEFAULT_CRL_VALIDITY = timedelta(days=7)
 WITHHELD_REASON = RevocationReason.CESSATION_OF_OPERATION
-MAX_PUBLISH_ROUNDS = 4  # publications of one CA lost to other publishers before giving up for this run
+MAX_PUBLISH_ROUNDS = 16  # rounds lost to other publishers (each loss means another CRL was stored) before giving up
 CRL_FIELD_SIGNATURE = 1  # TBSCertList: version, signature, ...
 CRL_CONTENT_TYPE = "application/pkix-crl"
 
@@ -91,16 +91,15 @@ def build_crl(
     validity: timedelta = DEFAULT_CRL_VALIDITY,
 ) -> x509.CertificateRevocationList:
     """A v2 CRL of ca listing entries, signed by one custody operation."""
+    # All entries go in at construction: add_revoked_certificate copies the list each time (quadratic).
     builder = (
-        x509.CertificateRevocationListBuilder()
+        x509.CertificateRevocationListBuilder(revoked_certificates=[_entry(entry) for entry in entries])
         .issuer_name(ca.certificate.subject)
         .last_update(this_update)
         .next_update(this_update + validity)
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(authority_key_id(ca.certificate), critical=False)
     )
-    for entry in entries:
-        builder = builder.add_revoked_certificate(_entry(entry))
     tbs = draft(builder).tbs_certlist_bytes
     return x509.load_der_x509_crl(sign_through_custody(tbs, ca, algorithm_field=CRL_FIELD_SIGNATURE))
 
