@@ -8,7 +8,7 @@ line of the SDK's message, bounded. The SDK's exception stays chained as the cau
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 MAX_DETAIL_CHARS = 300
@@ -27,9 +27,10 @@ def describe(error: BaseException) -> str:
 
 
 @contextmanager
-def translated(into: Callable[[str], Exception]) -> Iterator[None]:
+def translated(into: Callable[[str], Exception], hints: Mapping[int, str] | None = None) -> Iterator[None]:
     """Whatever the Azure SDK raises in the block becomes `into(describe(error))`, chained to the SDK's error.
 
+    hints: what to do about an HTTP status, added after the description ("HTTP 403: ...; <hint>").
     ValueError counts too: the Key Vault SDK raises it for an authentication challenge it rejects
     (verify_challenge_resource).
     """
@@ -38,4 +39,6 @@ def translated(into: Callable[[str], Exception]) -> Iterator[None]:
     try:
         yield
     except (AzureError, ValueError) as error:
-        raise into(describe(error)) from error
+        detail = describe(error)
+        hint = (hints or {}).get(getattr(error, "status_code", None) or 0)
+        raise into(f"{detail}; {hint}" if hint else detail) from error

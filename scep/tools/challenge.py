@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import secrets
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from scep import config
+from scep.azure.errors import translated
 from scep.azure.vault_secrets import SecretError
 
 CHALLENGE_BYTES = 32  # 256 random bits, 43 URL-safe characters: easy to paste into an MDM profile
@@ -29,32 +31,31 @@ def new_challenge() -> str:
     return secrets.token_urlsafe(CHALLENGE_BYTES)
 
 
+# What to do when the vault refuses. A name whose secret sits in soft-delete answers 409 Conflict ("... is currently
+# in a deleted but recoverable state, and its name cannot be reused"; azure-sdk-for-python issue 9743).
+_HINTS = {
+    403: "the signed-in identity needs Key Vault Secrets Officer on the vault (or the secret is disabled)",
+    409: "a deleted secret of that name is waiting in the vault's soft-delete; recover it or pick another name",
+}
+
+
 def ensure_challenge(client: Any, name: str) -> Challenge:
     """The secret's value if it exists; otherwise a new random value, stored first. client: a SecretClient."""
-    from azure.core.exceptions import AzureError, ResourceNotFoundError
+    from azure.core.exceptions import ResourceNotFoundError
 
-    try:
-        return Challenge(False, client.get_secret(name).value)
-    except ResourceNotFoundError:
-        pass
-    except (AzureError, ValueError) as error:
-        raise _secret_error(name, "could not be read", error) from error
+    with _secret_errors(name, "could not be read"):
+        try:
+            return Challenge(False, client.get_secret(name).value)
+        except ResourceNotFoundError:
+            pass  # absent: create it below
     value = new_challenge()
-    try:
+    with _secret_errors(name, "could not be created"):
         client.set_secret(name, value, content_type="text/plain")
-    except (AzureError, ValueError) as error:
-        raise _secret_error(name, "could not be created", error) from error
     return Challenge(True, value)
 
 
-def _secret_error(name: str, what: str, error: Exception) -> SecretError:
-    status = getattr(error, "status_code", None)
-    detail = f"HTTP {status}" if status else type(error).__name__
-    hint = {
-        403: ": the signed-in identity needs Key Vault Secrets Officer on the vault (or the secret is disabled)",
-        409: ": a deleted secret of that name is waiting in the vault's soft-delete; recover it or pick another name",
-    }.get(status or 0, "")
-    return SecretError(f"Key Vault secret '{name}' {what} ({detail}){hint}")
+def _secret_errors(name: str, what: str) -> AbstractContextManager[None]:
+    return translated(lambda detail: SecretError(f"Key Vault secret '{name}' {what} ({detail})"), _HINTS)
 
 
 def add_challenge_parser(commands: Any) -> None:
