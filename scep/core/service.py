@@ -32,6 +32,7 @@ from scep.core.der import fingerprint
 from scep.core.issuer import (
     PolicyError,
     Profile,
+    ca_id,
     check_request_key,
     device_certificate,
     is_ca_certificate,
@@ -466,7 +467,7 @@ def _record(
         serial=certificate.serial_number,
         transaction_id=transaction_id,
         subject=certificate.subject.rfc4514_string(),
-        issuer_sha256=hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        issuer_sha256=ca_id(ca),  # the CA generation: what CRLs, OCSP and their URLs are keyed by
         not_before=certificate.not_valid_before_utc,
         not_after=certificate.not_valid_after_utc,
         thumbprint_sha1=fingerprint(certificate, "sha1"),
