@@ -374,13 +374,5 @@ def authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
 
 
 def _usage(**flags: bool) -> x509.KeyUsage:
-    names = (
-        "digital_signature",
-        "content_commitment",
-        "key_encipherment",
-        "data_encipherment",
-        "key_agreement",
-        "key_cert_sign",
-        "crl_sign",
-    )
+    names = (*DEVICE_KEY_USAGES, "key_cert_sign", "crl_sign")
     return x509.KeyUsage(**{name: flags.get(name, False) for name in names}, encipher_only=False, decipher_only=False)
