@@ -157,14 +157,7 @@ class IntuneValidator:
         try:
             result = self.client.validate_request(request.transaction_id, request.csr_der)
         except IntuneError as error:
-            detail = _redact(str(error), request)
-            self.calls.failed("validateRequest", error, detail)
-            logger.warning(
-                "Intune validation failed: transaction=%s error=%s: %s",
-                request.transaction_id,
-                type(error).__name__,
-                detail,
-            )
+            self._call_failed("validateRequest", "Intune validation", request, error)
             return Verdict(False, FailInfo.BAD_REQUEST, UNAVAILABLE)
         self.calls.answered("validateRequest", result)
         return self._verdict(request, result)
@@ -209,14 +202,7 @@ class IntuneValidator:
                 certificate_authority=self.certificate_authority or issuer_name,
             )
         except IntuneError as error:
-            detail = _redact(str(error), request)
-            self.calls.failed("successNotification", error, detail)
-            logger.warning(
-                "Intune success notification failed: transaction=%s error=%s: %s",
-                request.transaction_id,
-                type(error).__name__,
-                detail,
-            )
+            self._call_failed("successNotification", "Intune success notification", request, error)
             raise NotificationFailed(f"Intune success notification failed: {type(error).__name__}") from error
         self.calls.answered("successNotification", result)
         logger.info(
@@ -247,6 +233,14 @@ class IntuneValidator:
             hresult & 0xFFFFFFFF,
             result.code,
             result.activity_id,
+        )
+
+    def _call_failed(self, operation: str, what: str, request: EnrollmentRequest, error: IntuneError) -> None:
+        """Record a failed Intune call for the status page and log it, the request's challenge redacted."""
+        detail = _redact(str(error), request)
+        self.calls.failed(operation, error, detail)
+        logger.warning(
+            "%s failed: transaction=%s error=%s: %s", what, request.transaction_id, type(error).__name__, detail
         )
 
     def _validated_locally(self, request: EnrollmentRequest) -> bool:
