@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from cryptography import x509
 
@@ -134,17 +134,17 @@ def probes_for(service: ScepService) -> StatusProbes:
 
 
 def custody_check(service: ScepService, probe: ProbeResult[CaKeys]) -> Check:
-    where = service.custody.describe()
-    if probe.error:
-        return Check("Key custody", State.FAILING, f"{where}: {probe.error}")
-    return Check("Key custody", State.OK, f"{where}: answered at {_clock(probe.at)}")
+    return _probe_check("Key custody", service.custody.describe(), probe)
 
 
 def store_check(service: ScepService, probe: ProbeResult[bool]) -> Check:
-    where = service.store.describe()
+    return _probe_check("Store", service.store.describe(), probe)
+
+
+def _probe_check(name: str, where: str, probe: ProbeResult[Any]) -> Check:
     if probe.error:
-        return Check("Store", State.FAILING, f"{where}: {probe.error}")
-    return Check("Store", State.OK, f"{where}: answered at {_clock(probe.at)}")
+        return Check(name, State.FAILING, f"{where}: {probe.error}")
+    return Check(name, State.OK, f"{where}: answered at {_clock(probe.at)}")
 
 
 def intune_checks(validator: ChallengeValidator) -> list[Check]:
