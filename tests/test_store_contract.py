@@ -27,6 +27,7 @@ from scep.store import (
     Claim,
     ClaimOutcome,
     IssuedCertificate,
+    RequestResult,
     Revocation,
     RevocationReason,
     SerialInUse,
@@ -437,6 +438,27 @@ def test_concurrent_crl_saves_never_go_backwards(open_store: OpenStore) -> None:
     assert latest is not None and latest.number == 5
     assert latest in [c for c, ok in zip(candidates, saved, strict=True) if ok]
     assert sum(1 for c, ok in zip(candidates, saved, strict=True) if ok and c.number == 5) == 1
+
+
+def test_request_results_are_kept_first_wins_until_forgotten(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    context = "ctx/#?\\" + uuid.uuid4().hex  # characters Tables forbids in keys
+    revoked = RequestResult(context, True, "0", "")
+    assert first.record_request_result(revoked) == revoked
+    assert second.record_request_result(RequestResult(context, False, "4005", "already revoked")) == revoked
+    other = first.record_request_result(RequestResult("other", False, "4004", "not found"))
+    assert set(second.unreported_request_results(10)) == {revoked, other}
+    assert len(second.unreported_request_results(1)) == 1
+    second.forget_request_results([context, "never-recorded"])
+    assert first.unreported_request_results(10) == (other,)
+
+
+def test_concurrent_request_results_keep_exactly_one(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    candidates = [RequestResult("shared", i == 0, "0" if i == 0 else f"410{i}", "") for i in range(4)]
+    kept = _race(4, lambda i: stores[i % 2].record_request_result(candidates[i]))
+    assert len(set(kept)) == 1 and kept[0] in candidates
+    assert stores[0].unreported_request_results(10) == (kept[0],)
 
 
 # -- inventory ---------------------------------------------------------------------------------------------------

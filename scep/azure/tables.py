@@ -19,6 +19,8 @@ Revocation lives in two more tables, partitioned by the issuing CA generation (`
                        `chunk-<token>-<index>` of at most 48 KiB each, as a binary property holds 64 KiB and an
                        entity 1 MiB), written before the `latest` row is swapped on its ETag; the losing or
                        replaced chunks are deleted afterwards. A CRL of 100,000 entries (4.9 MB measured) is ~100 rows.
+The results of Intune's revocation requests wait in {prefix}Revocations too, in partition `requests` (no CA's
+partition has that name), one row per request (RowKey: the SHA-256 of its context), until they have been reported.
 
 Inventory queries (`find_certificates`): a serial is a point read; every other filter (subject prefix, status,
 issuer, expiry) is a scan of the Certificates table filtered by the service ($filter on the small properties),
@@ -39,9 +41,10 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta, timezone
+from itertools import islice
 from typing import Any
 
 from azure.core import MatchConditions
@@ -65,6 +68,7 @@ from scep.store import (
     Claim,
     ClaimOutcome,
     IssuedCertificate,
+    RequestResult,
     Revocation,
     RevocationList,
     RevocationReason,
@@ -89,6 +93,7 @@ TX_ROW = "tx"
 CERT_ROW = "cert"
 REVISION_ROW = "revision"  # sorts after every 40-hex-digit serial row of a Revocations partition
 LATEST_ROW = "latest"
+REQUESTS_PARTITION = "requests"  # in the Revocations table: results of revocation requests not yet reported
 CRL_CHUNK_BYTES = 48 * 1024
 MAX_SCAN_ROUND_TRIPS = 5
 
@@ -425,6 +430,39 @@ class TableStore:
 
     # -- inventory -----------------------------------------------------------------------------------------
 
+    # -- results of revocation requests, until reported -------------------------------------------------------
+
+    def record_request_result(self, result: RequestResult) -> RequestResult:
+        entity = {
+            "PartitionKey": REQUESTS_PARTITION,
+            "RowKey": _context_key(result.context),
+            "Context": result.context,
+            "Succeeded": result.succeeded,
+            "ErrorCode": result.error_code,
+            "ErrorMessage": result.error_message,
+        }
+        with _azure_errors("recording a request result"):
+            self._clients()
+            try:
+                self._revocations.create_entity(entity)
+                return result
+            except ResourceExistsError:
+                return _request_result_from(self._revocations.get_entity(REQUESTS_PARTITION, entity["RowKey"]))
+
+    def unreported_request_results(self, limit: int) -> tuple[RequestResult, ...]:
+        with _azure_errors("reading request results"):
+            self._clients()
+            rows = self._revocations.query_entities(
+                "PartitionKey eq @partition", parameters={"partition": REQUESTS_PARTITION}, results_per_page=limit
+            )
+            return tuple(_request_result_from(row) for row in islice(rows, limit))
+
+    def forget_request_results(self, contexts: Sequence[str]) -> None:
+        with _azure_errors("forgetting request results"):
+            self._clients()
+            for context in contexts:
+                self._revocations.delete_entity(REQUESTS_PARTITION, _context_key(context))
+
     def find_certificates(self, query: CertificateQuery) -> CertificatePage:
         if not 1 <= query.limit <= MAX_PAGE_SIZE:
             raise ValueError(f"page size must be 1 to {MAX_PAGE_SIZE}")
@@ -588,6 +626,15 @@ def _raise_revision(issuer: str, counter: Any) -> tuple:
         "match_condition": MatchConditions.IfNotModified,
     }
     return ("update", raised, options)
+
+
+def _context_key(context: str) -> str:
+    # Requesters choose the context's characters, some of which Tables forbids in keys.
+    return hashlib.sha256(context.encode("utf-8")).hexdigest()
+
+
+def _request_result_from(entity: Mapping[str, Any]) -> RequestResult:
+    return RequestResult(entity["Context"], bool(entity["Succeeded"]), entity["ErrorCode"], entity["ErrorMessage"])
 
 
 def _int(value: Any) -> int:

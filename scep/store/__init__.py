@@ -23,6 +23,7 @@ backend's own (SQLite: expiry, then serial; Tables: serial) but stable, and page
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -165,6 +166,17 @@ class CertificatePage:
 MAX_PAGE_SIZE = 1000
 
 
+@dataclass(frozen=True)
+class RequestResult:
+    """The answer to one revocation request from outside (Intune's), kept until it has been reported back, so a
+    report that failed is sent again without revoking again. `context` is the requester's request identifier."""
+
+    context: str
+    succeeded: bool
+    error_code: str  # "0" when succeeded
+    error_message: str
+
+
 class ClaimOutcome(str, Enum):
     CLAIMED = "claimed"  # caller owns the transaction now and must finish it (record_issued / record_failed)
     ISSUED = "issued"  # already issued: `certificate` is the answer (a retransmission)
@@ -235,6 +247,18 @@ class Store(Protocol):
 
     def ping(self) -> None:
         """Raise StoreError when the store is unreachable (for health and doctor)."""
+        ...
+
+    def record_request_result(self, result: RequestResult) -> RequestResult:
+        """Keep result until forgotten, unless one is kept for its context already: the one kept."""
+        ...
+
+    def unreported_request_results(self, limit: int) -> tuple[RequestResult, ...]:
+        """Results kept and not yet forgotten (at most limit)."""
+        ...
+
+    def forget_request_results(self, contexts: Sequence[str]) -> None:
+        """Drop the results of these contexts (they have been reported); unknown contexts are ignored."""
         ...
 
     def describe(self) -> str: ...

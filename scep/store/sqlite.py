@@ -22,7 +22,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -36,6 +36,7 @@ from scep.store import (
     Claim,
     ClaimOutcome,
     IssuedCertificate,
+    RequestResult,
     Revocation,
     RevocationList,
     RevocationReason,
@@ -80,6 +81,13 @@ _SCHEMA = (
         created TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS certificates_by_transaction ON certificates (transaction_id)",
+    """CREATE TABLE IF NOT EXISTS request_results (
+        context TEXT PRIMARY KEY,
+        succeeded INTEGER NOT NULL,
+        error_code TEXT NOT NULL,
+        error_message TEXT NOT NULL,
+        recorded TEXT NOT NULL
+    ) WITHOUT ROWID""",
 )
 _REVOCATION_COLUMNS = (("revoked_at", "TEXT"), ("revocation_reason", "TEXT"))
 _SCHEMA_2 = (
@@ -145,6 +153,8 @@ _SELECT_REVOKED = (
     "SELECT serial, revoked_at, revocation_reason FROM certificates"
     " WHERE issuer_sha256 = ? AND status = 'revoked' ORDER BY serial"
 )
+_RESULT_COLUMNS = "context, succeeded, error_code, error_message"
+_SELECT_RESULTS = f"SELECT {_RESULT_COLUMNS} FROM request_results"
 _CRL_COLUMNS = "issuer_sha256, number, revision, this_update, next_update, der"
 _SELECT_CRL = f"SELECT {_CRL_COLUMNS} FROM crls WHERE issuer_sha256 = ?"
 _SAVE_CRL = f"INSERT OR REPLACE INTO crls ({_CRL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
@@ -404,6 +414,33 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise StoreError(f"saving CRL {crl.number} failed: {error}") from error
 
+    # -- results of revocation requests, until reported -------------------------------------------------------
+
+    def record_request_result(self, result: RequestResult) -> RequestResult:
+        row = (result.context, int(result.succeeded), result.error_code, result.error_message, _now_text())
+        try:
+            with self._write() as connection:
+                connection.execute(f"INSERT OR IGNORE INTO request_results ({_RESULT_COLUMNS}, recorded) VALUES "
+                                   "(?, ?, ?, ?, ?)", row)
+                kept = connection.execute(f"{_SELECT_RESULTS} WHERE context = ?", (result.context,)).fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"recording a request result failed: {error}") from error
+        return _result_from(kept)
+
+    def unreported_request_results(self, limit: int) -> tuple[RequestResult, ...]:
+        try:
+            rows = self._connection().execute(f"{_SELECT_RESULTS} ORDER BY recorded LIMIT ?", (limit,)).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"reading request results failed: {error}") from error
+        return tuple(_result_from(row) for row in rows)
+
+    def forget_request_results(self, contexts: Sequence[str]) -> None:
+        try:
+            with self._write(durable=False) as connection:
+                connection.executemany("DELETE FROM request_results WHERE context = ?", [(c,) for c in contexts])
+        except sqlite3.Error as error:
+            raise StoreError(f"forgetting request results failed: {error}") from error
+
     def find_certificates(self, query: CertificateQuery) -> CertificatePage:
         sql, parameters = _inventory_sql(query)
         try:
@@ -476,6 +513,11 @@ def _upgrade_to_2(connection: sqlite3.Connection) -> None:
             connection.execute(f"ALTER TABLE certificates ADD COLUMN {name} {kind}")
     for statement in _SCHEMA_2:
         connection.execute(statement)
+
+
+def _result_from(row: tuple) -> RequestResult:
+    context, succeeded, error_code, error_message = row
+    return RequestResult(context, bool(succeeded), error_code, error_message)
 
 
 def _revision(connection: sqlite3.Connection, issuer_sha256: str) -> int:

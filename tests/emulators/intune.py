@@ -5,13 +5,24 @@ Endpoints (HTTPS, one server):
   POST /ScepRequestValidationFEService/ScepActions/validateRequest
   POST /ScepRequestValidationFEService/ScepActions/successNotification
   POST /ScepRequestValidationFEService/ScepActions/failureNotification
+  POST /PkiConnectorFEService/CertificateAuthorityRequests/downloadRevocationRequests
+  POST /PkiConnectorFEService/CertificateAuthorityRequests/uploadRevocationResults
   POST /_emulator/challenges       {"subject", "sans", "ttl", "key_usage", "eku", "key_size"} -> {"challenge"}
   GET  /_emulator/notifications    recorded notifications; GET /_emulator/validations: validation outcomes
-  POST /_emulator/faults           {"endpoint", "status", "delay", "code", "times"}; DELETE clears them
+  POST /_emulator/faults           {"endpoint", "status", "delay", "code", "reply", "times"}; DELETE clears them
+  POST /_emulator/revocations      {"serialNumber", "issuerName", "caConfiguration"} -> {"requestContext"} queued
+  GET  /_emulator/revocations      the queue, the requests handed out and not answered, and the results uploaded
 
 Tokens come from the Entra emulator: ScepActions need an access token for the Intune resource with the
 `scep_challenge_provider` role, Graph needs one for the emulator's own URL with `Application.Read.All`
 (401 for a bad token or another tenant, 403 for a missing role).
+
+Revocation requests follow Microsoft's client library (Intune-Resource-Access, src/CsrValidation: the Java
+IntuneRevocationClient, CARevocationRequest, CARevocationResult, CARequestErrorCodes): api-version 5019-05-05,
+maxRequests 1-500, issuerName null or a filter; each result names a requestContext that was handed out, succeeded
+exactly when errorCode is "0", and the upload is answered {"value": true}. A request handed out is not handed out
+again (the strict reading: a CA must keep what it downloaded) unless its result was retryable (41xx), which puts
+it back in the queue.
 
 Challenges are real cryptography: a JSON statement of what the CSR must contain (subject, SANs, key usage,
 EKU, key size, issue and expiry time), HMAC-SHA256 signed, then AES-256-GCM encrypted with the emulator's
@@ -52,12 +63,16 @@ INTUNE_RESOURCE = "https://api.manage.microsoft.com/"
 SCEP_ROLE = "scep_challenge_provider"
 GRAPH_ROLE = "Application.Read.All"
 API_VERSION = "2018-02-20"
+REVOCATION_API_VERSION = "5019-05-05"
+MAX_REVOCATION_REQUESTS = 500
+RETRYABLE_CODES = ("4100", "4101", "4102", "4103")
+KNOWN_RESULT_CODES = ("0", "4000", "4001", "4002", "4003", "4004", "4005", "4006", "4007", *RETRYABLE_CODES)
 VALIDATION_SERVICE = "ScepRequestValidationFEService"
 PKI_CONNECTOR_SERVICE = "PkiConnectorFEService"
 UPN_OID = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 CLOCK_SKEW_SECONDS = 300
 _CHALLENGE_AAD = b"intune-challenge"
-ENDPOINTS = ("validate", "success", "failure", "discovery")
+ENDPOINTS = ("validate", "success", "failure", "discovery", "download", "upload")
 _ACTION_ENDPOINT = {
     "validateRequest": "validate",
     "successNotification": "success",
@@ -146,6 +161,7 @@ class Fault:
     status: int | None = None
     delay: float = 0.0
     code: str | None = None
+    reply: dict[str, Any] | None = None  # answered with HTTP 200 as is, e.g. {"value": false} to an upload
     times: int | None = None  # None: every call until cleared
 
 
@@ -170,6 +186,9 @@ class _State:
     notifications: list[Notification] = field(default_factory=list)
     validations: list[Validation] = field(default_factory=list)
     service_uris: dict[str, str] = field(default_factory=dict)
+    revocation_queue: list[dict[str, Any]] = field(default_factory=list)
+    revocations_out: dict[str, dict[str, Any]] = field(default_factory=dict)  # handed out, not answered
+    revocation_results: list[dict[str, Any]] = field(default_factory=list)
 
 
 class IntuneEmulator(EmulatorServer):
@@ -200,7 +219,15 @@ class IntuneEmulator(EmulatorServer):
             rf"/{VALIDATION_SERVICE}/ScepActions/(?P<action>validateRequest|successNotification|failureNotification)",
             self._scep_action,
         )
+        self.route(
+            "POST",
+            rf"/{PKI_CONNECTOR_SERVICE}/CertificateAuthorityRequests/"
+            r"(?P<action>downloadRevocationRequests|uploadRevocationResults)",
+            self._revocation_action,
+        )
         self.route("POST", r"/_emulator/challenges", self._control_challenge)
+        self.route("POST", r"/_emulator/revocations", self._control_queue_revocation)
+        self.route("GET", r"/_emulator/revocations", self._control_revocations)
         self.route("GET", r"/_emulator/notifications", self._control_notifications)
         self.route("GET", r"/_emulator/validations", self._control_validations)
         self.route("POST", r"/_emulator/faults", self._control_fault)
@@ -261,13 +288,48 @@ class IntuneEmulator(EmulatorServer):
         delay: float = 0.0,
         code: str | None = None,
         times: int | None = None,
+        reply: dict[str, Any] | None = None,
     ) -> None:
-        """Make endpoint ("validate", "success", "failure", "discovery") answer status, or sleep delay
-        seconds first, or answer 200 with code; for `times` calls (None: until clear_faults)."""
+        """Make endpoint ("validate", "success", "failure", "discovery", "download", "upload") answer status, or
+        sleep delay seconds first, or answer 200 with code (or with the JSON reply); for `times` calls (None: until
+        clear_faults)."""
         if endpoint not in ENDPOINTS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS}")
         with self._lock:
-            self._state.faults[endpoint] = Fault(status, delay, code, times)
+            self._state.faults[endpoint] = Fault(status, delay, code, reply, times)
+
+    def queue_revocation(
+        self, serial_number: str, issuer_name: str | None = None, ca_configuration: str | None = None
+    ) -> str:
+        """Queue a revocation request as Intune does when a device is retired, wiped or leaves the profile;
+        returns its requestContext."""
+        context = str(uuid.uuid4())
+        item = {
+            "requestContext": context,
+            "serialNumber": serial_number,
+            "issuerName": issuer_name,
+            "caConfiguration": ca_configuration,
+        }
+        with self._lock:
+            self._state.revocation_queue.append(item)
+        return context
+
+    def requeue_revocation(self, context: str) -> None:
+        """Put a request handed out and not answered back in the queue (Intune asking again)."""
+        with self._lock:
+            self._state.revocation_queue.append(self._state.revocations_out.pop(context))
+
+    @property
+    def revocation_results(self) -> list[dict[str, Any]]:
+        """Every result uploaded, in order (a result uploaded twice appears twice)."""
+        with self._lock:
+            return list(self._state.revocation_results)
+
+    @property
+    def revocations_pending(self) -> list[dict[str, Any]]:
+        """Requests queued or handed out and not yet answered."""
+        with self._lock:
+            return [*self._state.revocation_queue, *self._state.revocations_out.values()]
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -338,6 +400,8 @@ class IntuneEmulator(EmulatorServer):
             return json_response({"error": {"code": "InternalServerError", "message": "injected fault"}}, fault.status)
         if fault.code is not None:
             return json_response({"code": fault.code, "errorDescription": "injected answer"})
+        if fault.reply is not None:
+            return json_response(fault.reply)
         return None
 
     # Authentication
@@ -383,7 +447,7 @@ class IntuneEmulator(EmulatorServer):
 
     def _scep_action(self, request: Request, action: str) -> Response:
         self._claims(request, self.resource, SCEP_ROLE)
-        self._check_headers(request)
+        self._check_headers(request, API_VERSION)
         endpoint = _ACTION_ENDPOINT[action]
         fault = self._apply_fault(endpoint)
         if fault is not None:
@@ -412,11 +476,64 @@ class IntuneEmulator(EmulatorServer):
             )
         return json_response({"code": "Success", "errorDescription": ""})
 
+    # Revocation requests
+
+    def _revocation_action(self, request: Request, action: str) -> Response:
+        # The PKI connector service takes the same Intune API token as the SCEP actions (IntuneRevocationClient
+        # extends IntuneClient and asks for the same resource).
+        self._claims(request, self.resource, SCEP_ROLE)
+        self._check_headers(request, REVOCATION_API_VERSION)
+        endpoint = "download" if action == "downloadRevocationRequests" else "upload"
+        fault = self._apply_fault(endpoint)
+        if fault is not None:
+            return fault
+        if endpoint == "download":
+            return self._download_revocations(_section(request.json(), "downloadParameters", ("maxRequests",)))
+        return self._upload_revocation_results(request.json())
+
+    def _download_revocations(self, parameters: dict[str, Any]) -> Response:
+        limit, issuer = parameters["maxRequests"], parameters.get("issuerName")
+        # IntuneRevocationClient.DownloadCARevocationRequests: maxRequests between 1 and MAXREQUESTS_MAXVALUE (500).
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_REVOCATION_REQUESTS:
+            raise _bad_request(f"maxRequests must be an integer from 1 to {MAX_REVOCATION_REQUESTS}")
+        if issuer is not None and not isinstance(issuer, str):
+            raise _bad_request("issuerName must be null or a string")
+        with self._lock:
+            queue = self._state.revocation_queue
+            chosen = [item for item in queue if issuer is None or item["issuerName"] == issuer][:limit]
+            for item in chosen:
+                queue.remove(item)
+                self._state.revocations_out[item["requestContext"]] = item
+        return json_response({"value": chosen})
+
+    def _upload_revocation_results(self, body: Any) -> Response:
+        results = body.get("results") if isinstance(body, dict) else None
+        # UploadRevocationResults: "revocationResults may not be null or empty".
+        if not isinstance(results, list) or not results:
+            raise _bad_request("results must be a non-empty list")
+        for result in results:
+            _check_revocation_result(result)
+        with self._lock:
+            out = self._state.revocations_out
+            unknown = [r["requestContext"] for r in results if r["requestContext"] not in out and not self._answered(r)]
+            if unknown:
+                raise _bad_request(f"unknown requestContext {unknown[0]!r}")
+            for result in results:
+                self._state.revocation_results.append(dict(result))
+                item = out.pop(result["requestContext"], None)
+                if item is not None and result["errorCode"] in RETRYABLE_CODES:
+                    self._state.revocation_queue.append(item)  # Intune asks again later
+        return json_response({"value": True})
+
+    def _answered(self, result: dict[str, Any]) -> bool:
+        """A result for a request answered before (a CA reporting once more after a lost answer)."""
+        return any(r["requestContext"] == result["requestContext"] for r in self._state.revocation_results)
+
     @staticmethod
-    def _check_headers(request: Request) -> None:
+    def _check_headers(request: Request, api_version: str) -> None:
         problems = []
-        if request.header("api-version") != API_VERSION:
-            problems.append(f"api-version must be {API_VERSION}")
+        if request.header("api-version") != api_version:
+            problems.append(f"api-version must be {api_version}")
         try:
             uuid.UUID(request.header("client-request-id") or "")
         except ValueError:
@@ -468,6 +585,19 @@ class IntuneEmulator(EmulatorServer):
         )
         return json_response({"challenge": challenge})
 
+    def _control_queue_revocation(self, request: Request) -> Response:
+        body = request.json() or {}
+        if not isinstance(body.get("serialNumber"), str):
+            raise HttpError(400, {"error": "serialNumber (hex, as successNotification reported it) is required"})
+        context = self.queue_revocation(body["serialNumber"], body.get("issuerName"), body.get("caConfiguration"))
+        return json_response({"requestContext": context})
+
+    def _control_revocations(self, request: Request) -> Response:
+        with self._lock:
+            queued, out = list(self._state.revocation_queue), list(self._state.revocations_out.values())
+            results = list(self._state.revocation_results)
+        return json_response({"queued": queued, "handedOut": out, "results": results})
+
     def _control_notifications(self, request: Request) -> Response:
         return json_response(
             [{"kind": n.kind, "transactionId": n.transaction_id, "body": n.body} for n in self.notifications]
@@ -490,6 +620,7 @@ class IntuneEmulator(EmulatorServer):
                 delay=float(body.get("delay") or 0),
                 code=body.get("code"),
                 times=body.get("times"),
+                reply=body.get("reply"),
             )
         except ValueError as error:
             raise HttpError(400, {"error": str(error)}) from None
@@ -511,6 +642,27 @@ def _section(body: Any, name: str, fields: Sequence[str]) -> dict[str, Any]:
     if missing:
         raise HttpError(400, {"error": {"code": "BadRequest", "message": f"{name} lacks {', '.join(missing)}"}})
     return section
+
+
+def _bad_request(message: str) -> HttpError:
+    return HttpError(400, {"error": {"code": "BadRequest", "message": message}})
+
+
+def _check_revocation_result(result: Any) -> None:
+    """A CARevocationResult as the Java constructor allows it: a non-empty requestContext, succeeded exactly when
+    errorCode is "0" (None), and a CARequestErrorCodes value."""
+    if not isinstance(result, dict):
+        raise _bad_request("each result must be an object")
+    context, succeeded, code = result.get("requestContext"), result.get("succeeded"), result.get("errorCode")
+    if not isinstance(context, str) or not context:
+        raise _bad_request("requestContext may not be null or empty")
+    if not isinstance(succeeded, bool) or code not in KNOWN_RESULT_CODES:
+        raise _bad_request("succeeded must be a boolean and errorCode a CARequestErrorCodes value")
+    if succeeded != (code == "0"):
+        raise _bad_request("errorCode must be 0 (None) exactly when succeeded is true")
+    message = result.get("errorMessage")
+    if message is not None and not isinstance(message, str):
+        raise _bad_request("errorMessage must be a string")
 
 
 def _challenge_of(csr: x509.CertificateSigningRequest) -> str:

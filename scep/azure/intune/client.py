@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -41,6 +41,11 @@ SCEP_API_VERSION = "2018-02-20"
 VALIDATE_PATH = "ScepActions/validateRequest"
 SUCCESS_PATH = "ScepActions/successNotification"
 FAILURE_PATH = "ScepActions/failureNotification"
+# Revocation requests (Intune-Resource-Access, IntuneRevocationClient): their own service and api-version.
+REVOCATION_API_VERSION = "5019-05-05"
+DOWNLOAD_REVOCATIONS_PATH = "CertificateAuthorityRequests/downloadRevocationRequests"
+UPLOAD_REVOCATIONS_PATH = "CertificateAuthorityRequests/uploadRevocationResults"
+MAX_REVOCATION_REQUESTS = 500  # the most one download may ask for
 
 SUCCESS_CODE = "Success"
 # Every answer code Microsoft's libraries know; anything else is treated as a failure of unknown meaning.
@@ -148,6 +153,26 @@ class IntuneResult:
     @property
     def known(self) -> bool:
         return self.code in KNOWN_CODES
+
+
+@dataclass(frozen=True)
+class RevocationRequest:
+    """One certificate Intune asks this CA to revoke (CARevocationRequest); serial_number is hex as reported."""
+
+    request_context: str
+    serial_number: str
+    issuer_name: str | None
+    ca_configuration: str | None
+
+
+@dataclass(frozen=True)
+class RevocationResult:
+    """What became of one request (CARevocationResult): error_code "0" on success, else a CARequestErrorCodes value."""
+
+    request_context: str
+    succeeded: bool
+    error_code: str
+    error_message: str
 
 
 class IntuneError(Exception):
@@ -344,6 +369,48 @@ class IntuneClient:
         }
         return self.call(VALIDATION_SERVICE, FAILURE_PATH, body, transaction_id, RetryPolicy.UNSENT_ONLY)
 
+    def download_revocation_requests(
+        self, max_requests: int, issuer_name: str | None, activity: str
+    ) -> list[RevocationRequest]:
+        """Up to max_requests (1-500) certificates Intune wants revoked, only those of issuer_name when given.
+
+        Items without a requestContext cannot be answered and are left out (logged)."""
+        if not 1 <= max_requests <= MAX_REVOCATION_REQUESTS:
+            raise ValueError(f"max_requests must be 1-{MAX_REVOCATION_REQUESTS}")
+        body = {"downloadParameters": {"maxRequests": max_requests, "issuerName": issuer_name}}
+        _, reply = self.post_retrying(
+            PKI_CONNECTOR_SERVICE, DOWNLOAD_REVOCATIONS_PATH, body, activity, RetryPolicy.IDEMPOTENT,
+            REVOCATION_API_VERSION,
+        )
+        items = reply.get("value")
+        if not isinstance(items, list):
+            raise IntuneResponseError(f"{DOWNLOAD_REVOCATIONS_PATH}: the answer has no value list")
+        requests_ = [_revocation_request(item) for item in items]
+        if None in requests_:
+            logger.warning("Intune %s: %d items without a requestContext left out", DOWNLOAD_REVOCATIONS_PATH,
+                           requests_.count(None))
+        return [item for item in requests_ if item is not None]
+
+    def upload_revocation_results(self, results: Sequence[RevocationResult], activity: str) -> None:
+        """Report results; IntuneResponseError unless Intune answers {"value": true}."""
+        body = {
+            "results": [
+                {
+                    "requestContext": result.request_context,
+                    "succeeded": result.succeeded,
+                    "errorCode": result.error_code,
+                    "errorMessage": result.error_message,
+                }
+                for result in results
+            ]
+        }
+        _, reply = self.post_retrying(
+            PKI_CONNECTOR_SERVICE, UPLOAD_REVOCATIONS_PATH, body, activity, RetryPolicy.IDEMPOTENT,
+            REVOCATION_API_VERSION,
+        )
+        if reply.get("value") is not True:
+            raise IntuneResponseError(f"{UPLOAD_REVOCATIONS_PATH}: Intune did not accept the results")
+
     def call(
         self,
         provider: str,
@@ -354,6 +421,18 @@ class IntuneClient:
         api_version: str = SCEP_API_VERSION,
     ) -> IntuneResult:
         """POST body to {discovered uri of provider}/{path}; retries as the policy allows."""
+        return _result(*self.post_retrying(provider, path, body, transaction_id, retry, api_version), path)
+
+    def post_retrying(
+        self,
+        provider: str,
+        path: str,
+        body: dict[str, Any],
+        transaction_id: str,
+        retry: RetryPolicy,
+        api_version: str,
+    ) -> tuple[str, dict[str, Any]]:
+        """post() again as the policy allows: (activity id, reply)."""
         attempts = 1 + self.settings.validate_retries if retry is RetryPolicy.IDEMPOTENT else 2
         for attempt in range(1, attempts + 1):
             try:
@@ -371,7 +450,7 @@ class IntuneClient:
                 )
                 self._sleep(0.25 * attempt)
                 continue
-            return _result(activity_id, reply, path)
+            return activity_id, reply
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def post(
@@ -503,6 +582,20 @@ def _result(activity_id: str, reply: dict[str, Any], path: str) -> IntuneResult:
         raise IntuneResponseError(f"{path}: the answer has no code")
     description = reply.get("errorDescription")
     return IntuneResult(code, description if isinstance(description, str) else "", activity_id)
+
+
+def _revocation_request(item: Any) -> RevocationRequest | None:
+    """One downloaded item; None without a requestContext (nothing to answer it with). A missing or odd
+    serialNumber stays "" so that the request is answered as invalid."""
+    if not isinstance(item, dict) or not isinstance(item.get("requestContext"), str) or not item["requestContext"]:
+        return None
+
+    def text(name: str) -> str | None:
+        value = item.get(name)
+        return value if isinstance(value, str) else None
+
+    return RevocationRequest(item["requestContext"], text("serialNumber") or "", text("issuerName"),
+                             text("caConfiguration"))
 
 
 def _excerpt(response: requests.Response) -> str:
