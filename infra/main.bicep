@@ -85,6 +85,12 @@ param scepCaCertName string = 'scep-ca'
 @description('SCEP_RA_CERT_NAME: Key Vault certificate holding the RA (decrypts requests, signs replies).')
 param scepRaCertName string = 'scep-ra'
 
+@description('SCEP_OCSP_CERT_NAME: Key Vault certificate holding the delegated OCSP signer (`scep ca ocsp issue`).')
+param scepOcspCertName string = 'scep-ocsp'
+
+@description('SCEP_PUBLIC_BASE_URL: base of the CRL, CA certificate and OCSP URLs in issued certificates. Empty: https://<function app name>.azurewebsites.net (a custom domain: its https:// URL).')
+param publicBaseUrl string = ''
+
 @description('SCEP_CHALLENGE_MODE: who may enrol. intune: Intune validates each challenge. static: one shared challenge (from Key Vault). static,intune: either.')
 @allowed([
   'intune'
@@ -270,6 +276,8 @@ module functionApp 'modules/function-app.bicep' = {
     httpPerInstanceConcurrency: httpPerInstanceConcurrency
     caCertName: scepCaCertName
     raCertName: scepRaCertName
+    ocspCertName: scepOcspCertName
+    publicBaseUrl: publicBaseUrl
     tablePrefix: scepTablePrefix
     challengeMode: scepChallengeMode
     certValidityDays: scepCertValidityDays
@@ -334,6 +342,7 @@ output KEY_VAULT_NAME string = keyVault.outputs.name
 output KEY_VAULT_SKU string = keyVaultSku
 output SCEP_CA_CERT_NAME string = scepCaCertName
 output SCEP_RA_CERT_NAME string = scepRaCertName
+output SCEP_OCSP_CERT_NAME string = scepOcspCertName
 output SCEP_CHALLENGE_MODE string = scepChallengeMode
 
 @description('Client id of the function app user-assigned identity (AZURE_CLIENT_ID of the app).')

@@ -15,8 +15,10 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from cryptography.x509 import ObjectIdentifier
 
@@ -105,6 +107,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_WEBHOOK_IDS", "", "Optional: the X-Smallstep-Webhook-ID values served."),
     Setting("SCEP_LOG_LEVEL", "", "debug, info, warning or error (empty: warning for `scep`, the host's in Azure)."),
     Setting("SCEP_RA_RENEW_DAYS", "30", "Renew the RA automatically when it expires within this many days (1-365)."),
+    Setting(
+        "SCEP_PUBLIC_BASE_URL", "", "Base URL named in certificates for the CRL, CA certificate and OCSP (empty: none; "
+        "`scep serve`: its own URL).", azure=True,
+    ),
+    Setting("SCEP_CRL_VALIDITY_DAYS", "7", "CRL nextUpdate in days after thisUpdate (1-90); republished at half-life."),
+    Setting("SCEP_OCSP_CACHE_SECONDS", "3600", "How long a signed OCSP answer is reused and cacheable (60-10800)."),
+    Setting("SCEP_OCSP_SIGNATURES_PER_MINUTE", "600", "Freshly signed OCSP answers (nonce, unknown serial) per minute "
+            "per worker (10-100000); more get tryLater."),
+    Setting("SCEP_REVOKE_SUPERSEDED", "false", "Revoke the old certificate (reason superseded) after a RenewalReq."),
+    Setting("SCEP_OCSP_CERT_NAME", "scep-ocsp", "Key Vault certificate holding the delegated OCSP signer.", azure=True),
     Setting("SCEP_ADMIN_AUTH", "credential", "Admin API sign-in: credential (local) or entra.", azure=True),
     Setting("SCEP_ADMIN_TENANT_ID", "", "Entra tenant whose tokens the admin API accepts.", azure=True),
     Setting("SCEP_ADMIN_AUDIENCE", "", "Admin app registration: client ID and Application ID URI.", azure=True),
@@ -155,6 +167,7 @@ class KeyVaultSettings:
     url: str
     ca_name: str
     ra_name: str
+    ocsp_name: str
     refresh_seconds: float
     verify_challenge_resource: bool
 
@@ -211,6 +224,14 @@ class AdminSettings:
 
 
 @dataclass(frozen=True)
+class RevocationSettings:
+    """The OCSP responder (the base URL, CRL validity and renewal option are the service's options)."""
+
+    ocsp_window: timedelta
+    ocsp_signatures_per_minute: int
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the process, parsed and checked once by load_settings."""
 
@@ -225,6 +246,7 @@ class Settings:
     ra_renew_days: int
     admin: AdminSettings
     telemetry: TelemetrySettings
+    revocation: RevocationSettings
 
     @property
     def data_dir(self) -> Path:
@@ -345,6 +367,10 @@ def load_settings(
         ra_renew_days=read.count("SCEP_RA_RENEW_DAYS", 1, 365),
         admin=_admin_settings(read),
         telemetry=_telemetry_settings(read),
+        revocation=RevocationSettings(
+            ocsp_window=timedelta(seconds=read.count("SCEP_OCSP_CACHE_SECONDS", 60, 3 * 3600)),
+            ocsp_signatures_per_minute=read.count("SCEP_OCSP_SIGNATURES_PER_MINUTE", 10, 100_000),
+        ),
     )
     if for_serving:
         _check_serving(settings)
@@ -416,6 +442,7 @@ def _service_settings(read: _Reader) -> ServiceSettings:
         validity_days=read.count("SCEP_CERT_VALIDITY_DAYS", 1, 3650),
         min_rsa_bits=read.count("SCEP_MIN_RSA_KEY_BITS", *MIN_RSA_KEY_BITS_RANGE),
         allowed_ekus=_allowed_ekus(read.items("SCEP_ALLOWED_EKUS")),
+        public_base_url=_public_base_url(read),
     )
     return ServiceSettings(
         data_dir=Path(read.text("SCEP_DATA_DIR")).expanduser(),
@@ -423,9 +450,22 @@ def _service_settings(read: _Reader) -> ServiceSettings:
             allow_legacy=read.flag("SCEP_ALLOW_DES"),
             profile=profile,
             key_budget_seconds=float(read.count("SCEP_KEY_BUDGET_SECONDS", 1, 120)),
+            revoke_superseded=read.flag("SCEP_REVOKE_SUPERSEDED"),
+            crl_validity=timedelta(days=read.count("SCEP_CRL_VALIDITY_DAYS", 1, 90)),
         ),
         max_message_bytes=read.count("SCEP_MAX_MESSAGE_BYTES", 4096, 1024 * 1024),
     )
+
+
+def _public_base_url(read: _Reader) -> str | None:
+    """http:// or https:// with a host and nothing after the path: the URLs in certificates are built on it."""
+    value = read.text("SCEP_PUBLIC_BASE_URL").rstrip("/")
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError("SCEP_PUBLIC_BASE_URL", f"must be an http:// or https:// URL with a host, not {value!r}")
+    return value
 
 
 def _allowed_ekus(items: tuple[str, ...]) -> frozenset:
@@ -447,6 +487,7 @@ def _key_vault_settings(read: _Reader) -> KeyVaultSettings | None:
         url=url,
         ca_name=read.text("SCEP_CA_CERT_NAME"),
         ra_name=read.text("SCEP_RA_CERT_NAME"),
+        ocsp_name=read.text("SCEP_OCSP_CERT_NAME"),
         refresh_seconds=float(read.count("KEY_VAULT_REFRESH_SECONDS", 1, 86400)),
         verify_challenge_resource=read.flag("KEY_VAULT_VERIFY_CHALLENGE_RESOURCE"),
     )
@@ -593,6 +634,7 @@ def build_key_home(settings: Settings) -> KeyHome:
             key_vault_clients(settings),
             ca_name=settings.key_vault.ca_name,
             ra_name=settings.key_vault.ra_name,
+            ocsp_name=settings.key_vault.ocsp_name,
             refresh_interval=settings.key_vault.refresh_seconds,
         )
     from scep.keys.local import LocalHome

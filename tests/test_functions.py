@@ -56,7 +56,8 @@ def test_routes_cover_the_paths_clients_use(functions):
     assert {"api/scep", "api/scep/pkiclient.exe", "cgi-bin/pkiclient.exe", "certsrv/mscep/mscep.dll",
             "certsrv/mscep/mscep.dll/pkiclient.exe", "api/health", "api/ca.pem", "api/ca.der", "api/ca.crt",
             "api/webhook/scepchallenge", "api/webhook/notify", "api/admin/login", "api/admin/certificates",
-            "api/admin/certificate", "api/admin/revoke", "status"} == set(functions) - {"maintenance"}
+            "api/admin/certificate", "api/admin/revoke", "status", "api/crl/{ca_file}", "api/ca/{ca_file}",
+            "api/ocsp", "api/ocsp/{*ocsp_request}"} == set(functions) - {"maintenance", "crl_publication"}
 
 
 def test_get_ca_caps(functions):
@@ -163,10 +164,11 @@ def test_content_type_is_exact_with_one_charset(functions, route, params, expect
 def test_maintenance_runs_daily_from_a_timer_not_at_startup(functions):
 
     timers = [f for f in registered_functions() if isinstance(f.get_trigger(), TimerTrigger)]
-    assert [f.get_function_name() for f in timers] == ["maintenance"]
-    binding = timers[0].get_trigger().get_dict_repr()
-    assert binding["schedule"] == "0 17 3 * * *"  # NCRONTAB with seconds: 03:17:00 UTC every day
-    assert binding["runOnStartup"] is False and binding["useMonitor"] is True
+    assert [f.get_function_name() for f in timers] == ["maintenance", "crl_publication"]
+    bindings = [timer.get_trigger().get_dict_repr() for timer in timers]
+    assert bindings[0]["schedule"] == "0 17 3 * * *"  # NCRONTAB with seconds: 03:17:00 UTC every day
+    assert bindings[1]["schedule"] == "0 7 * * * *"  # hourly, at minute 7
+    assert all(binding["runOnStartup"] is False and binding["useMonitor"] is True for binding in bindings)
 
 
 def test_the_timer_function_renews_a_due_ra(functions):

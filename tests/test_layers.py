@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("scep.core.*",)),
     ("local backends", ("scep.keys.*", "scep.store.*", "scep.challenge.static", "scep.challenge.composite")),
     ("azure backends", ("scep.azure", "scep.azure.*")),
-    ("boundaries", ("scep.http.web", "scep.http.status", "scep.challenge.webhook")),
+    ("boundaries", ("scep.http.web", "scep.http.status", "scep.http.revocation", "scep.challenge.webhook")),
     ("composition", ("scep.config",)),
     ("adapters", ("scep.http", "scep.http.*")),
     ("tools", ("scep.tools", "scep.tools.*")),

@@ -58,6 +58,9 @@ param httpPerInstanceConcurrency int
 
 param caCertName string
 param raCertName string
+param ocspCertName string
+@description('Base of the revocation URLs in certificates; empty: the app\'s default https:// host name.')
+param publicBaseUrl string
 param tablePrefix string
 param challengeMode string
 param certValidityDays int
@@ -169,6 +172,16 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'SCEP_RA_CERT_NAME'
           value: raCertName
+        }
+        {
+          name: 'SCEP_OCSP_CERT_NAME'
+          value: ocspCertName
+        }
+        {
+          // https: with httpsOnly App Service answers plain HTTP with a redirect (docs/revocation.md). The site's own
+          // defaultHostName cannot be read inside its own definition; without a custom domain it is <name>.azurewebsites.net.
+          name: 'SCEP_PUBLIC_BASE_URL'
+          value: empty(publicBaseUrl) ? 'https://${name}.azurewebsites.net' : publicBaseUrl
         }
         {
           name: 'SCEP_STORE'

@@ -317,14 +317,13 @@ def _newest(versions: Iterable[_Version], role: str, slot: str | None = None) ->
 class KeyVaultHome:
     """KeyHome backed by Azure Key Vault certificates with non-exportable keys."""
 
-    ocsp_name = "scep-ocsp"  # the delegated OCSP signer's certificate
-
     def __init__(
         self,
         clients: KeyVaultClients,
         ca_name: str = "scep-ca",
         ra_name: str = "scep-ra",
         *,
+        ocsp_name: str = "scep-ocsp",  # the delegated OCSP signer's certificate (SCEP_OCSP_CERT_NAME)
         refresh_interval: float = DEFAULT_REFRESH_SECONDS,
         poll_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -333,6 +332,7 @@ class KeyVaultHome:
         self.vault_url = clients.vault_url
         self.ca_name = ca_name
         self.ra_name = ra_name
+        self.ocsp_name = ocsp_name
         self.refresh_interval = refresh_interval
         self.poll_interval = poll_interval
         self._clock = clock

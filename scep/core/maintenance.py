@@ -22,7 +22,7 @@ from typing import cast
 
 from cryptography import x509
 
-from scep.core.ca import issue_ra
+from scep.core.ca import issue_ocsp_signer, issue_ra
 from scep.core.service import ScepService
 from scep.keys import CaKeys, KeyHome, Slot
 from scep.store import ClaimOutcome, Store
@@ -33,6 +33,8 @@ EXPIRY_WARNING_DAYS = 30
 # Longer than any transactionID a device can send (message.py accepts at most 256 characters): no device can
 # take this transaction and keep the RA from being renewed.
 RA_RENEWAL_TRANSACTION = "maintenance:ra-renewal:".ljust(300, "-")
+OCSP_RENEWAL_TRANSACTION = "maintenance:ocsp-renewal:".ljust(300, "-")
+OCSP_RENEW_DAYS = 30  # of the delegated OCSP signer's 90 days (scep.core.ca.DEFAULT_OCSP_DAYS)
 RENEWAL_CLAIM_KEY = "scep-maintenance"
 RENEWAL_LEASE = timedelta(minutes=10)  # a crashed renewal blocks the next one for at most this long
 _NOTHING_GAINED = timedelta(days=1)
@@ -120,24 +122,45 @@ def renew_ra_if_due(
 
     At most one instance renews: the others find the claim taken, or the RA already renewed.
     """
-    now = now or datetime.now(timezone.utc)
-    cached = home.keys()
-    if not _due(cached.ra.certificate, cached.ca.certificate, renew_days, now):
+    cached = home.keys().ra.certificate
+    return _renew_if_due(home, store, Slot.RA, cached, renew_days, now or datetime.now(timezone.utc))
+
+
+def renew_ocsp_signer_if_due(home: KeyHome, store: Store, now: datetime | None = None) -> x509.Certificate | None:
+    """Renew the delegated OCSP signer (`scep ca ocsp renew`) within OCSP_RENEW_DAYS of its expiry, or once it has
+    expired; nothing when none was ever issued (the CA keys then sign OCSP answers themselves)."""
+    cached = home.ocsp_signer()
+    if cached is None:
+        return None
+    return _renew_if_due(home, store, Slot.OCSP, cached.certificate, OCSP_RENEW_DAYS, now or datetime.now(timezone.utc))
+
+
+_RENEWALS = {
+    Slot.RA: ("RA", RA_RENEWAL_TRANSACTION, issue_ra),
+    Slot.OCSP: ("OCSP signer", OCSP_RENEWAL_TRANSACTION, issue_ocsp_signer),
+}
+
+
+def _renew_if_due(
+    home: KeyHome, store: Store, slot: Slot, cached: x509.Certificate, renew_days: int, now: datetime
+) -> x509.Certificate | None:
+    role, transaction, issue = _RENEWALS[slot]
+    if not _due(cached, home.keys().ca.certificate, renew_days, now):
         return None  # the cached view suffices on an ordinary day: no store write
-    claim = store.claim(RA_RENEWAL_TRANSACTION, RENEWAL_CLAIM_KEY, RENEWAL_LEASE)
+    claim = store.claim(transaction, RENEWAL_CLAIM_KEY, RENEWAL_LEASE)
     if claim.outcome is not ClaimOutcome.CLAIMED:
-        log.info("RA renewal: another instance is renewing the RA (%s)", claim.outcome.value)
+        log.info("%s renewal: another instance is renewing it (%s)", role, claim.outcome.value)
         return None
     outcome = "renewal failed"
     try:
-        current = home.handle(Slot.RA).certificate  # read afresh: another instance may have just renewed it
+        current = home.handle(slot).certificate  # read afresh: another instance may have just renewed it
         if not _due(current, home.handle(Slot.CA).certificate, renew_days, now):
             outcome = "already renewed"
             return None
-        renewed = issue_ra(home, current.subject.rfc4514_string())
+        renewed = issue(home, current.subject.rfc4514_string())
         outcome = f"renewed as serial {renewed.serial_number:x}"
         log.warning(
-            "RA renewed: serial %x valid until %s replaces serial %x that expires on %s",
+            "%s renewed: serial %x valid until %s replaces serial %x that expires on %s", role,
             renewed.serial_number, f"{renewed.not_valid_after_utc:%Y-%m-%d}",
             current.serial_number, f"{current.not_valid_after_utc:%Y-%m-%d}",
         )
@@ -154,8 +177,10 @@ def _due(ra: x509.Certificate, ca: x509.Certificate, renew_days: int, now: datet
 
 
 def run_daily(service: ScepService, renew_days: int) -> x509.Certificate | None:
-    """The scheduled job: renew the RA when due, then report what still needs a person (a CA near its end)."""
+    """The scheduled job: renew the RA and the delegated OCSP signer when due, then report what still needs a
+    person (a CA near its end)."""
     home = cast(KeyHome, service.custody)  # config builds every service on a KeyHome
     renewed = renew_ra_if_due(home, service.store, renew_days)
+    renew_ocsp_signer_if_due(home, service.store)
     report_expiry(service.custody.keys())
     return renewed

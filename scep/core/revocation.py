@@ -8,6 +8,9 @@ For whoever wires HTTP, the admin API, the CLI and timers:
     store.latest_crl(ca_id)                           what GET /api/crl/<ca_id>.crl serves (StoredCrl.der)
     crl_headers(crl, now)                             the caching headers for that answer
     store.revoke(serial, reason, when)                a revocation; the next publish_due publishes at once
+    publish_now(store, home, validity)                what every revocation path calls right after revoking:
+                                                      publish_due, a custody or store failure logged (the
+                                                      revocation stands; the scheduled job publishes it)
 
 `ca_id` (scep.core.issuer) names a CA generation everywhere: the lower-case hex SHA-256 of its certificate.
 
@@ -31,6 +34,7 @@ the purpose for which it was issued", with no suspicion on the key), so it can n
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,7 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from scep.core.issuer import authority_key_id, ca_id, draft, sign_through_custody
-from scep.keys import KeyHandle, KeyHome
+from scep.keys import CustodyError, KeyHandle, KeyHome
 from scep.store import (
     CertificateQuery,
     CertStatus,
@@ -48,7 +52,10 @@ from scep.store import (
     RevocationReason,
     Store,
     StoredCrl,
+    StoreError,
 )
+
+log = logging.getLogger("scep.core.revocation")
 
 DEFAULT_CRL_VALIDITY = timedelta(days=7)
 WITHHELD_REASON = RevocationReason.CESSATION_OF_OPERATION
@@ -136,6 +143,17 @@ def publish_due(
     withheld = revoke_withheld(store, now)
     publications = tuple(_publish_one(store, ca, now, validity) for ca in generations)
     return PublicationReport(withheld, publications)
+
+
+def publish_now(store: Store, home: KeyHome, validity: timedelta = DEFAULT_CRL_VALIDITY) -> bool:
+    """Publish the CRLs a revocation just made due; False (logged) when custody or the store fails, in which case
+    the revocation stands and the scheduled publication lists it."""
+    try:
+        publish_due(store, signing_generations(home), validity=validity)
+    except (CustodyError, StoreError) as error:
+        log.error("revocation recorded, CRL not published now: %s", error)
+        return False
+    return True
 
 
 def _publish_one(store: Store, ca: KeyHandle, now: datetime, validity: timedelta) -> Publication:

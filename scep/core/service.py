@@ -11,6 +11,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import cast
 
 from asn1crypto import cms
 from asn1crypto import csr as asn1_csr
@@ -39,8 +40,19 @@ from scep.core.issuer import (
     random_serial,
 )
 from scep.core.protocol import CAPABILITIES_BASE, FailInfo, MessageType, PkiStatus
-from scep.keys import CaKeys, Custody, CustodyError, time_budget
-from scep.store import CertStatus, Claim, ClaimOutcome, IssuedCertificate, SerialInUse, Store, StoreError, TxState
+from scep.core.revocation import DEFAULT_CRL_VALIDITY, publish_now
+from scep.keys import CaKeys, Custody, CustodyError, KeyHome, time_budget
+from scep.store import (
+    CertStatus,
+    Claim,
+    ClaimOutcome,
+    IssuedCertificate,
+    RevocationReason,
+    SerialInUse,
+    Store,
+    StoreError,
+    TxState,
+)
 
 log = logging.getLogger("scep.core.service")
 
@@ -54,6 +66,8 @@ class ServiceOptions:
     profile: Profile = field(default_factory=Profile)
     key_budget_seconds: float = 20.0  # shared by the key operations of one PKIOperation, retries included
     key_custody: str = "local"  # where the keys live (local or keyvault), for telemetry
+    revoke_superseded: bool = False  # revoke the certificate a RenewalReq renewed (reason superseded)
+    crl_validity: timedelta = DEFAULT_CRL_VALIDITY
 
 
 @dataclass(frozen=True)
@@ -223,6 +237,8 @@ class ScepService:
             return self._refuse(keys, request, FailInfo.BAD_REQUEST, "the issuance could not be confirmed; retry")
         if validator.requires_notification:
             self.store.mark_delivered(issued.serial_number)
+        if enrollment.renewal and self.options.revoke_superseded:
+            self._revoke_superseded(request.signer_certificate.serial_number)
         log.info(
             "transaction %s issued serial %x to %s",
             request.transaction_id,
@@ -230,6 +246,16 @@ class ScepService:
             issued.subject,  # formatted only when the log level lets the line through
         )
         return self._success(keys, request, envelope, issued)
+
+    def _revoke_superseded(self, serial: int) -> None:
+        """SCEP_REVOKE_SUPERSEDED: the renewed certificate is revoked once its successor is delivered; a failure
+        here leaves it valid (logged) and never fails the renewal."""
+        try:
+            self.store.revoke(serial, RevocationReason.SUPERSEDED, datetime.now(timezone.utc))
+        except StoreError as error:
+            log.error("serial %x renewed but not revoked as superseded: %s", serial, error)
+            return
+        publish_now(self.store, cast(KeyHome, self.custody), self.options.crl_validity)
 
     def _validate(self, enrollment: EnrollmentRequest) -> Verdict:
         try:
@@ -331,9 +357,17 @@ class ScepService:
             except (InvalidSignature, ValueError, TypeError):
                 continue
             record = self.store.certificate_by_serial(signer.serial_number)
-            if record is not None and record.status is CertStatus.ISSUED:
+            if record is not None and (record.status is CertStatus.ISSUED or self._renewed_as(record, request)):
                 return signer
         return None
+
+    def _renewed_as(self, record: IssuedCertificate, request: msg.PkiMessage) -> bool:
+        """A certificate revoked as superseded still signs the retransmission (or poll) of the very renewal that
+        superseded it, so a device that lost the reply gets its new certificate; it renews nothing else."""
+        if record.status is not CertStatus.REVOKED or record.revocation_reason is not RevocationReason.SUPERSEDED:
+            return False
+        renewal_transaction = _store_transaction_id(request, request.signer_certificate)
+        return self.store.transaction_state(renewal_transaction) is TxState.ISSUED
 
     # --- replies ---
 

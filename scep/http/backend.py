@@ -3,12 +3,16 @@ Azure Functions adapters (functions.py) and the WSGI application (wsgi.py) both 
 
 from __future__ import annotations
 
+from typing import cast
+
 from scep import config
 from scep.challenge.webhook import WebhookHandler
-from scep.core import maintenance
+from scep.core import maintenance, revocation
+from scep.core.ocsp import OcspResponder
 from scep.core.service import ScepService
 from scep.http import admin_api, web
-from scep.keys import CaKeys, CustodyError
+from scep.http.revocation import build_responder
+from scep.keys import CaKeys, CustodyError, KeyHome
 
 
 class ConfiguredBackend:
@@ -16,6 +20,7 @@ class ConfiguredBackend:
 
     def __init__(self) -> None:
         self._reported_keys: CaKeys | None = None
+        self._ocsp: tuple[ScepService, OcspResponder] | None = None
 
     def service(self) -> ScepService:
         """The process's service; when it first serves, and after every key change, a CA or RA near or past its
@@ -36,6 +41,17 @@ class ConfiguredBackend:
     def webhooks(self) -> WebhookHandler | None:
         return config.webhooks()
 
+    def ocsp(self) -> OcspResponder:
+        """The process's OCSP responder (its cache lives as long as the service it answers for)."""
+        service = self.service()
+        if self._ocsp is None or self._ocsp[0] is not service:
+            settings = config.settings().revocation
+            responder = build_responder(
+                service.store, home_of(service), settings.ocsp_window, settings.ocsp_signatures_per_minute
+            )
+            self._ocsp = (service, responder)
+        return self._ocsp[1]
+
     def admin(self, action: str, request: web.Request) -> web.HttpReply:
         return admin_api.handle(action, request, self.service)
 
@@ -47,3 +63,15 @@ def run_maintenance() -> None:
     """Renew the RA when it is due (SCEP_RA_RENEW_DAYS) and report a CA or RA near its expiry; the Functions timer
     runs it in Azure, one worker of `scep serve` at start and then daily."""
     maintenance.run_daily(config.service(), config.ra_renew_days())
+
+
+def run_publication() -> revocation.PublicationReport:
+    """Revoke withheld certificates and publish every CRL that is due; the Functions timer runs it hourly in Azure,
+    the maintenance worker of `scep serve` at start and then hourly."""
+    service = config.service()
+    generations = revocation.signing_generations(home_of(service))
+    return revocation.publish_due(service.store, generations, validity=service.options.crl_validity)
+
+
+def home_of(service: ScepService) -> KeyHome:
+    return cast(KeyHome, service.custody)  # config builds every service on a KeyHome

@@ -12,13 +12,15 @@ from urllib.parse import urlsplit
 import azure.functions as func
 
 from scep.http import web
-from scep.http.backend import HTTP, run_maintenance
+from scep.http.backend import HTTP, run_maintenance, run_publication
 
 bp = func.Blueprint()
 
 # Daily at 03:17 UTC (NCRONTAB: second minute hour day month day-of-week). The host runs one occurrence across
 # all instances (a blob lease in AzureWebJobsStorage) and, with use_monitor, catches up a missed one.
 MAINTENANCE_SCHEDULE = "0 17 3 * * *"
+# Hourly at minute 7: CRLs republished at half-life, withheld certificates revoked (a revocation publishes at once).
+PUBLICATION_SCHEDULE = "0 7 * * * *"
 
 
 def request_of(req: func.HttpRequest) -> web.Request:
@@ -53,3 +55,10 @@ for _route in HTTP.routes:
 @bp.timer_trigger(schedule=MAINTENANCE_SCHEDULE, arg_name="timer", run_on_startup=False, use_monitor=True)
 def maintenance_daily(timer: func.TimerRequest) -> None:
     run_maintenance()
+
+
+@bp.function_name("crl_publication")
+@bp.timer_trigger(schedule=PUBLICATION_SCHEDULE, arg_name="timer", run_on_startup=False, use_monitor=True)
+def publication_hourly(timer: func.TimerRequest) -> None:
+    run_publication()
+

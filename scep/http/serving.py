@@ -13,7 +13,8 @@ given (the product's own records and gunicorn's error log are cleaned by scep.lo
 The maintenance job (`backend.run_maintenance`: RA self-renewal and expiry lines) runs in exactly one worker of the
 tree: the arbiter gives the role to a worker it forks when no live worker has it (`pre_fork`), so the first worker
 runs it, and so does the replacement of that worker when it dies; on a reload (SIGHUP) the role passes to the first
-new worker. Runs at worker start, then every MAINTENANCE_INTERVAL_SECONDS.
+new worker. Runs at worker start, then every MAINTENANCE_INTERVAL_SECONDS; the same worker runs the CRL publication
+(`backend.run_publication`) at start and then every PUBLICATION_INTERVAL_SECONDS.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from scep.http import backend
 log = logging.getLogger("scep.http.serving")
 
 MAINTENANCE_INTERVAL_SECONDS = 24 * 3600.0
+PUBLICATION_INTERVAL_SECONDS = 3600.0  # CRL publication (backend.run_publication)
 
 # gunicorn settings, read by name when this module is gunicorn's configuration (-c python:scep.http.serving).
 worker_class = "gthread"
@@ -59,16 +61,19 @@ def on_reload(server: Any) -> None:
 
 def post_worker_init(worker: Any) -> None:
     if getattr(worker, "runs_maintenance", False):
-        threading.Thread(target=_maintenance_loop, name="maintenance", daemon=True).start()
+        jobs = (("maintenance", backend.run_maintenance, MAINTENANCE_INTERVAL_SECONDS),
+                ("crl publication", backend.run_publication, PUBLICATION_INTERVAL_SECONDS))
+        for name, job, interval in jobs:
+            threading.Thread(target=_every, args=(name, job, interval), name=name, daemon=True).start()
 
 
-def _maintenance_loop() -> None:
+def _every(name: str, job: Callable[[], Any], interval: float) -> None:
     while True:
         try:
-            backend.run_maintenance()
+            job()
         except Exception:
-            log.exception("maintenance failed; it runs again in %.0f s", MAINTENANCE_INTERVAL_SECONDS)
-        time.sleep(MAINTENANCE_INTERVAL_SECONDS)
+            log.exception("%s failed; it runs again in %.0f s", name, interval)
+        time.sleep(interval)
 
 
 GUNICORN_SETTINGS: dict[str, Any] = {

@@ -25,8 +25,9 @@ from scep.challenge.webhook import WebhookHandler
 from scep.core.issuer import fingerprint
 from scep.core.maintenance import Expiry, ExpiryState, expiry_of
 from scep.core.message import MalformedMessage
+from scep.core.ocsp import OcspResponder
 from scep.core.service import ScepService
-from scep.http import status
+from scep.http import revocation, status
 from scep.keys import CustodyError
 from scep.store import StoreError
 
@@ -221,6 +222,8 @@ class Backend(Protocol):
 
     def webhooks(self) -> WebhookHandler | None: ...
 
+    def ocsp(self) -> OcspResponder: ...
+
     def admin(self, action: str, request: Request) -> HttpReply:
         """An admin route's action; the admin API checks the caller before anything else."""
         ...
@@ -232,7 +235,8 @@ Handler = Callable[[Backend, Request], HttpReply]
 @dataclass(frozen=True)
 class Route:
     name: str  # the Azure Functions function name
-    path: str  # as a Functions route template is written: no leading slash (host.json routePrefix is "")
+    path: str  # as a Functions route template is written: no leading slash (host.json routePrefix is ""); a last
+    # segment {name} matches one segment, {*name} the rest of the path
     methods: tuple[str, ...]
     handler: Handler
     admin: bool = False  # needs an administrator; in Azure also a function key (auth level FUNCTION)
@@ -307,6 +311,10 @@ ROUTES: tuple[Route, ...] = (
     Route("admin_certificates", "api/admin/certificates", ("GET",), _admin("certificates"), admin=True),
     Route("admin_certificate", "api/admin/certificate", ("GET",), _admin("certificate"), admin=True),
     Route("admin_revoke", "api/admin/revoke", ("POST",), _admin("revoke"), admin=True),
+    Route("crl", "api/crl/{ca_file}", ("GET",), revocation.crl),
+    Route("ca_issuer", "api/ca/{ca_file}", ("GET",), revocation.ca_certificate),
+    Route("ocsp", "api/ocsp", ("GET", "POST"), revocation.ocsp_post),
+    Route("ocsp_get", "api/ocsp/{*ocsp_request}", ("GET",), revocation.ocsp_get),
 )
 
 
@@ -317,10 +325,18 @@ class ScepHttp:
         self.backend = backend
         self.routes = routes
         # Literal paths match case-insensitively and with or without a trailing slash, as on the Functions host.
-        self._by_path = {route.path.lower(): route for route in routes}
+        self._by_path = {route.path.lower(): route for route in routes if "{" not in route.path}
+        self._templates = [(route.path.lower().partition("{")[0], route) for route in routes if "{" in route.path]
 
     def route_for(self, path: str) -> Route | None:
-        return self._by_path.get(path.strip("/").lower())
+        key = path.strip("/").lower()
+        if key in self._by_path:
+            return self._by_path[key]
+        for prefix, route in self._templates:
+            rest = key[len(prefix):]
+            if key.startswith(prefix) and rest and ("{*" in route.path or "/" not in rest):
+                return route
+        return None
 
     def handle(self, request: Request) -> HttpReply:
         """Route a request: 404 for an unknown path, 405 (with Allow) for a method the route does not take."""

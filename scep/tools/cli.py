@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scep import __version__, config, logs
-from scep.core.ca import CaOptions, LifecycleError
+from scep.core.ca import DEFAULT_OCSP_DAYS, CaOptions, LifecycleError
 from scep.core.issuer import fingerprint
 from scep.findings import Finding
 from scep.keys import CustodyError, KeySpec, Slot
@@ -117,6 +117,13 @@ def _ca_parser(commands) -> None:
         command.add_argument("--days", type=int, default=730)
         command.set_defaults(run=_ca_ra)
 
+    ocsp = ca_commands.add_parser("ocsp", help="the delegated OCSP signer certificate")
+    ocsp_commands = ocsp.add_subparsers(title="ocsp commands")
+    for name in ("issue", "renew"):
+        command = ocsp_commands.add_parser(name, help=f"{name} the OCSP signer (new key, issued by the CA)")
+        command.add_argument("--days", type=int, default=DEFAULT_OCSP_DAYS, help="short: it carries ocsp-nocheck")
+        command.set_defaults(run=_ca_ocsp)
+
     roll = ca_commands.add_parser("rollover", help="create the next CA, served by GetNextCACert")
     _key_options(roll)
     roll.add_argument("--subordinate", action="store_true", help="write a CSR for an enterprise root instead")
@@ -149,13 +156,16 @@ def _ca_options(args) -> CaOptions:
 
 def _serve(args) -> int:
     from scep.core import maintenance
-    from scep.http.serving import ScepServer
+    from scep.http.serving import ScepServer, listening_url
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     overrides = {name: value for name, value in (("SCEP_DATA_DIR", args.data_dir), ("SCEP_LOG_LEVEL", args.log_level))
                  if value}
-    generated = _generated_challenge(config.load_settings(overrides=overrides, for_serving=False))
+    preliminary = config.load_settings(overrides=overrides, for_serving=False)
+    if preliminary.service.options.profile.public_base_url is None:  # certificates name this server
+        overrides.update({"SCEP_PUBLIC_BASE_URL": listening_url((args.host, args.port))})
+    generated = _generated_challenge(preliminary)
     settings = config.load_settings(overrides=dict(overrides, SCEP_CHALLENGE=generated) if generated else overrides)
     config.reset(settings)  # the forked workers inherit these settings
     home = config.build_key_home(settings)
@@ -311,6 +321,18 @@ def _ca_ra(args) -> int:
 
     certificate = ca.issue_ra(_home(), days=args.days)
     print(f"RA {certificate.subject.rfc4514_string()} issued, valid until {certificate.not_valid_after_utc:%Y-%m-%d}")
+    return 0
+
+
+def _ca_ocsp(args) -> int:
+    from scep.core import ca
+    from scep.core.maintenance import OCSP_RENEW_DAYS
+
+    certificate = ca.issue_ocsp_signer(_home(), days=args.days)
+    print(
+        f"OCSP signer {certificate.subject.rfc4514_string()} issued, valid until "
+        f"{certificate.not_valid_after_utc:%Y-%m-%d}; the daily maintenance job renews it {OCSP_RENEW_DAYS} days before"
+    )
     return 0
 
 
