@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from scep.azure.tables import TableStore
 from scep.store import (
@@ -26,6 +29,7 @@ from scep.store import (
     CertStatus,
     Claim,
     ClaimOutcome,
+    EnrollmentOutcome,
     IssuedCertificate,
     RequestResult,
     Revocation,
@@ -502,6 +506,75 @@ def test_inventory_refuses_bad_pages(store: Store) -> None:
         store.find_certificates(CertificateQuery(page="not a token"))
     with pytest.raises(ValueError):
         store.find_certificates(CertificateQuery(limit=0))
+
+
+def der_with_names(*names: x509.GeneralName) -> bytes:
+    """A real certificate DER carrying these subjectAltNames (the SAN lookup reads them from the DER)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "san test")])
+    now = datetime.now(timezone.utc)
+    builder = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+    )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def issue_with_names(store: Store, *names: x509.GeneralName) -> IssuedCertificate:
+    transaction_id = new_transaction_id()
+    claim = store.claim(transaction_id, KEY, LEASE)
+    certificate = replace(make_certificate(transaction_id), der=der_with_names(*names))
+    store.record_issued(claim, certificate)
+    return certificate
+
+
+def test_inventory_finds_certificates_by_san_and_thumbprint(store: Store) -> None:
+    tag = uuid.uuid4().hex[:8]
+    laptop = issue_with_names(store, x509.DNSName(f"{tag}-laptop.contoso.test"), x509.RFC822Name(f"{tag}@contoso.test"))
+    phone = issue_with_names(store, x509.DNSName(f"{tag}-phone.contoso.test"), x509.RFC822Name(f"{tag}@contoso.test"))
+    issue(store, new_transaction_id())  # no SAN at all
+
+    def serials(query: CertificateQuery) -> list[int]:
+        return sorted(item.serial for item in store.find_certificates(query).items)
+
+    assert serials(CertificateQuery(san=f"{tag.upper()}-LAPTOP.contoso.test")) == [laptop.serial]
+    assert serials(CertificateQuery(san=f"{tag}@contoso.test")) == sorted([laptop.serial, phone.serial])
+    assert serials(CertificateQuery(san=f"{tag}-nothing.contoso.test")) == []
+    assert serials(CertificateQuery(thumbprint_sha1=phone.thumbprint_sha1.lower())) == [phone.serial]
+    both = CertificateQuery(san=f"{tag}@contoso.test", thumbprint_sha1=laptop.thumbprint_sha1)
+    assert serials(both) == [laptop.serial]
+    store.revoke(phone.serial, RevocationReason.KEY_COMPROMISE, WHEN)
+    shared = CertificateQuery(san=f"{tag}@contoso.test", status=CertStatus.REVOKED)
+    assert store.find_certificates(shared).items[0].status is CertStatus.REVOKED and serials(shared) == [phone.serial]
+    first = store.find_certificates(CertificateQuery(san=f"{tag}@contoso.test", limit=1))
+    assert len(first.items) == 1 and first.next_page is not None
+    second = store.find_certificates(CertificateQuery(san=f"{tag}@contoso.test", limit=1, page=first.next_page))
+    assert {first.items[0].serial, second.items[0].serial} == {laptop.serial, phone.serial}
+    assert second.next_page is None
+
+
+def test_enrollment_outcomes_are_counted_per_hour_and_failures_kept(open_store: OpenStore) -> None:
+    store, other = open_store(), open_store()
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    assert store.enrollment_counts(hour_ago) == dict.fromkeys(EnrollmentOutcome, 0)
+    issue(store, new_transaction_id())
+    issue(other, new_transaction_id())
+    busy = new_transaction_id()
+    store.claim(busy, KEY, LEASE)
+    assert other.claim(busy, KEY, LEASE).outcome is ClaimOutcome.BUSY
+    refused = new_transaction_id()
+    store.record_failed(store.claim(refused, KEY, LEASE), fail_info=2, reason="challenge rejected")
+    store.record_failed(other.claim(refused, KEY, LEASE), fail_info=0, reason="bad algorithm")
+    counts = other.enrollment_counts(hour_ago)
+    assert counts == {EnrollmentOutcome.ISSUED: 2, EnrollmentOutcome.FAILED: 2, EnrollmentOutcome.PENDING: 1}
+    assert store.enrollment_counts(datetime.now(timezone.utc) + timedelta(hours=2))[EnrollmentOutcome.ISSUED] == 0
+    failures = other.recent_failures(10)
+    assert [(f.transaction_id, f.fail_info, f.reason) for f in failures] == [
+        (refused, 0, "bad algorithm"), (refused, 2, "challenge rejected")
+    ]  # both attempts, newest first, though the transaction keeps only its last state
+    assert failures[0].at >= failures[1].at >= hour_ago
+    assert len(other.recent_failures(1)) == 1
 
 
 # -- concurrency ------------------------------------------------------------------------------------------------

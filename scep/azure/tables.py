@@ -22,6 +22,16 @@ Revocation lives in two more tables, partitioned by the issuing CA generation (`
 The results of Intune's revocation requests wait in {prefix}Revocations too, in partition `requests` (no CA's
 partition has that name), one row per request (RowKey: the SHA-256 of its context), until they have been reported.
 
+Enrollment outcomes and the certificate lookup live in two more tables:
+  {prefix}Outcomes     counters per hour bucket (PartitionKey `count`, RowKey `<hour>|<outcome>`, raised on their
+                       ETag with jittered retries; counting never fails an enrollment, a counter that loses every
+                       race is logged and left) and one row per failure (PartitionKey `failure`, RowKey the inverted
+                       time, so the newest come first). Counting 7 days reads at most 504 counter rows.
+  {prefix}CertIndex    lookup rows `thumb-<sha1>` and `san-<SHA-256 of the lower-cased name>` (names may hold
+                       characters keys forbid), RowKey the serial, written with the certificate. A search by SAN or
+                       thumbprint reads that partition and then each certificate: a few point reads, whatever the
+                       size of the inventory. Certificates recorded before this table existed have no lookup rows.
+
 Inventory queries (`find_certificates`): a serial is a point read; every other filter (subject prefix, status,
 issuer, expiry) is a scan of the Certificates table filtered by the service ($filter on the small properties),
 in serial order. Tables reads at most 1,000 entities or 5 seconds per round trip and then returns a continuation
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -43,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from itertools import islice
 from typing import Any
@@ -67,6 +79,8 @@ from scep.store import (
     CertStatus,
     Claim,
     ClaimOutcome,
+    EnrollmentFailure,
+    EnrollmentOutcome,
     IssuedCertificate,
     RequestResult,
     Revocation,
@@ -78,10 +92,14 @@ from scep.store import (
     StoreError,
     TxState,
     UnknownSerial,
+    certificate_names,
+    hour_bucket,
     prefix_end,
     serial_text,
     utc,
 )
+
+log = logging.getLogger("scep.azure.tables")
 
 MAX_PROPERTY_BYTES = 64 * 1024  # Azure Tables limit for one binary property
 MAX_RACES = 8  # re-read-and-decide rounds before a claim or finish gives up
@@ -96,6 +114,10 @@ LATEST_ROW = "latest"
 REQUESTS_PARTITION = "requests"  # in the Revocations table: results of revocation requests not yet reported
 CRL_CHUNK_BYTES = 48 * 1024
 MAX_SCAN_ROUND_TRIPS = 5
+COUNT_PARTITION = "count"
+FAILURE_PARTITION = "failure"
+INDEX_PAGE_KEY = "IndexAfter"  # a page token of a SAN or thumbprint search: the last serial handed out
+_TIME_INVERSION_MS = 10**15  # RowKey of a failure: this minus its time in ms, so the newest sort first
 
 # Transient failures (timeouts, 408/429/5xx, dropped connections) are retried by azure-core's retry policy.
 _CLIENT_OPTIONS: dict[str, Any] = {
@@ -132,6 +154,8 @@ class TableStore:
         self.certificates_table = f"{table_prefix}Certificates"
         self.revocations_table = f"{table_prefix}Revocations"
         self.crls_table = f"{table_prefix}Crls"
+        self.outcomes_table = f"{table_prefix}Outcomes"
+        self.index_table = f"{table_prefix}CertIndex"
         self._build_service = build_service
         self._lock = threading.Lock()
         self._pid: int | None = None
@@ -140,6 +164,8 @@ class TableStore:
         self._certs: TableClient
         self._revocations: TableClient
         self._crls: TableClient
+        self._outcomes: TableClient
+        self._index: TableClient
 
     # -- clients -----------------------------------------------------------------------------------------
 
@@ -150,12 +176,16 @@ class TableStore:
         with self._lock:
             if self._pid != os.getpid():
                 service = self._build_service()
-                for name in (self.transactions_table, self.certificates_table, self.revocations_table, self.crls_table):
+                names = (self.transactions_table, self.certificates_table, self.revocations_table, self.crls_table,
+                         self.outcomes_table, self.index_table)
+                for name in names:
                     _create_table(service, name)
                 self._tx = service.get_table_client(self.transactions_table)
                 self._certs = service.get_table_client(self.certificates_table)
                 self._revocations = service.get_table_client(self.revocations_table)
                 self._crls = service.get_table_client(self.crls_table)
+                self._outcomes = service.get_table_client(self.outcomes_table)
+                self._index = service.get_table_client(self.index_table)
                 self._pid = os.getpid()
         return self._tx, self._certs
 
@@ -190,6 +220,8 @@ class TableStore:
                     return _claimed(transaction_id, lease_id, current.metadata["etag"])  # our retried write
                 decided = self._decide(current, key_id, transaction_id, now, certs)
                 if decided is not None:
+                    if decided.outcome is ClaimOutcome.BUSY:
+                        self._count(EnrollmentOutcome.PENDING)
                     return decided
                 retaken = {**fresh, "Created": current.get("Created", now)}
                 try:
@@ -214,8 +246,11 @@ class TableStore:
         with _azure_errors(f"recording certificate {certificate.serial:x}"):
             tx, certs = self._clients()
             self._insert_certificate(certs, certificate, serial)
+            for key in _index_keys(certificate):
+                self._index.upsert_entity({"PartitionKey": key, "RowKey": serial})
             finish = {"State": TxState.ISSUED.value, "Serial": serial}
             if self._finish(tx, claim.transaction_id, lease_id, etag, finish):
+                self._count(EnrollmentOutcome.ISSUED)
                 return
             certs.update_entity(_cert_status_patch(serial, CertStatus.UNDELIVERED), mode=UpdateMode.MERGE)
         raise StoreError(
@@ -229,6 +264,8 @@ class TableStore:
         with _azure_errors("recording the failure"):
             tx, _ = self._clients()
             if self._finish(tx, claim.transaction_id, lease_id, etag, finish):
+                self._count(EnrollmentOutcome.FAILED)
+                self._outcomes.create_entity(_failure_entity(claim.transaction_id, fail_info, finish["Reason"]))
                 return
         raise StoreError(f"lease on transaction {claim.transaction_id!r} was lost")
 
@@ -263,6 +300,50 @@ class TableStore:
         with _azure_errors("reaching the table service"):
             tx, _ = self._clients()
             _get(tx, "ping", "ping")  # a point read: absent is fine, unreachable or forbidden is not
+
+    def enrollment_counts(self, since: datetime) -> dict[EnrollmentOutcome, int]:
+        counted = dict.fromkeys(EnrollmentOutcome, 0)
+        with _azure_errors("reading the enrollment counts"):
+            self._clients()
+            rows = self._outcomes.query_entities(
+                "PartitionKey eq @counts and RowKey ge @first",
+                parameters={"counts": COUNT_PARTITION, "first": hour_bucket(since)},
+                select=["RowKey", "Count"],
+                results_per_page=1000,
+            )
+            for row in rows:
+                counted[EnrollmentOutcome(row["RowKey"].rpartition("|")[2])] += _int(row["Count"])
+        return counted
+
+    def recent_failures(self, limit: int) -> tuple[EnrollmentFailure, ...]:
+        with _azure_errors("reading the recent failures"):
+            self._clients()
+            rows = self._outcomes.query_entities(
+                "PartitionKey eq @failures", parameters={"failures": FAILURE_PARTITION}, results_per_page=limit
+            )
+            page = next(rows.by_page(), [])
+            return tuple(_failure_from(row) for row in list(page)[:limit])
+
+    def _count(self, outcome: EnrollmentOutcome) -> None:
+        """Raise this hour's counter of outcome on its ETag; a failure is logged, never the enrollment's."""
+        row_key = f"{hour_bucket(_now())}|{outcome.value}"
+        try:
+            for attempt in range(MAX_REVOCATION_RACES):
+                counter = _get(self._outcomes, COUNT_PARTITION, row_key)
+                raised = {"PartitionKey": COUNT_PARTITION, "RowKey": row_key, "Count": 1}
+                try:
+                    if counter is None:
+                        self._outcomes.create_entity(raised)
+                    else:
+                        raised["Count"] = _int(counter["Count"]) + 1
+                        self._outcomes.update_entity(raised, mode=UpdateMode.REPLACE, etag=counter.metadata["etag"],
+                                                     match_condition=MatchConditions.IfNotModified)
+                    return
+                except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                    time.sleep(random.uniform(0, REVOCATION_BACKOFF_SECONDS * min(attempt + 1, 10)))
+            log.warning("the %s counter of %s lost every race; this outcome is not counted", outcome.value, row_key)
+        except AzureError as error:
+            log.warning("counting an enrollment outcome failed: %s", error)
 
     def describe(self) -> str:
         return f"Azure Tables at {self._endpoint} ({self.transactions_table}, {self.certificates_table})"
@@ -466,6 +547,8 @@ class TableStore:
     def find_certificates(self, query: CertificateQuery) -> CertificatePage:
         if not 1 <= query.limit <= MAX_PAGE_SIZE:
             raise ValueError(f"page size must be 1 to {MAX_PAGE_SIZE}")
+        if query.san or query.thumbprint_sha1:
+            return self._find_indexed(query)
         query_filter, parameters = _inventory_filter(query)
         continuation = _continuation_from(query.page)
         with _azure_errors("listing certificates"):
@@ -478,6 +561,31 @@ class TableStore:
                 if items or continuation is None:
                     break
         return CertificatePage(items, None if continuation is None else json.dumps(continuation))
+
+    def _find_indexed(self, query: CertificateQuery) -> CertificatePage:
+        """A SAN or thumbprint search: the serials of a lookup partition, each certificate read with the other
+        filters applied by the service (one point query each)."""
+        keys = _lookup_keys(query)
+        after = _index_position(query.page)
+        rest = replace(query, san=None, thumbprint_sha1=None, page=None)
+        items: list[IssuedCertificate] = []
+        with _azure_errors("searching certificates"):
+            _, certs = self._clients()
+            rows = self._index.query_entities(
+                "PartitionKey eq @key and RowKey gt @after", parameters={"key": keys[0], "after": after},
+                select=["RowKey"],
+            )
+            for row in rows:
+                serial = row["RowKey"]
+                if any(_get(self._index, key, serial) is None for key in keys[1:]):
+                    continue
+                query_filter, parameters = _inventory_filter(replace(rest, serial=int(serial, 16)))
+                matches = certs.query_entities(query_filter, parameters=parameters)
+                found = [_certificate_from(entity) for entity in matches]
+                if found and len(items) == query.limit:
+                    return CertificatePage(tuple(items), json.dumps({INDEX_PAGE_KEY: serial_text(items[-1].serial)}))
+                items.extend(found)
+        return CertificatePage(tuple(items), None)
 
     @staticmethod
     def _decide(
@@ -693,6 +801,52 @@ def _inventory_filter(query: CertificateQuery) -> tuple[str, dict[str, Any]]:
         where("NotAfter lt @before", before=utc(query.expires_before))
     where("RowKey eq @row", row=CERT_ROW)
     return " and ".join(conditions), parameters
+
+
+def _thumbprint_key(thumbprint: str) -> str:
+    return f"thumb-{thumbprint.strip().lower()}"
+
+
+def _san_key(name: str) -> str:
+    return f"san-{hashlib.sha256(name.strip().lower().encode('utf-8')).hexdigest()}"
+
+
+def _index_keys(certificate: IssuedCertificate) -> list[str]:
+    return [_thumbprint_key(certificate.thumbprint_sha1), *map(_san_key, certificate_names(certificate.der))]
+
+
+def _lookup_keys(query: CertificateQuery) -> list[str]:
+    """The lookup partitions a certificate must be in to match: the thumbprint's first (the narrowest)."""
+    keys = [_thumbprint_key(query.thumbprint_sha1)] if query.thumbprint_sha1 else []
+    return keys + ([_san_key(query.san)] if query.san else [])
+
+
+def _index_position(page: str | None) -> str:
+    if not page:
+        return ""
+    position = _continuation_from(page)
+    if position is None or set(position) != {INDEX_PAGE_KEY}:
+        raise ValueError("not a page token of this search")
+    return position[INDEX_PAGE_KEY]
+
+
+def _failure_entity(transaction_id: str, fail_info: int, reason: str) -> dict[str, Any]:
+    now = _now()
+    inverted = _TIME_INVERSION_MS - int(now.timestamp() * 1000)
+    return {
+        "PartitionKey": FAILURE_PARTITION,
+        "RowKey": f"{inverted:015d}-{secrets.token_hex(4)}",
+        "At": now,
+        "TransactionId": transaction_id,
+        "FailInfo": int(fail_info),
+        "Reason": reason,
+    }
+
+
+def _failure_from(entity: Mapping[str, Any]) -> EnrollmentFailure:
+    return EnrollmentFailure(
+        _plain_datetime(entity["At"]), entity["TransactionId"], _int(entity["FailInfo"]), entity["Reason"]
+    )
 
 
 def _continuation_from(page: str | None) -> dict[str, str] | None:

@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from scep import config
 from scep.core import revocation
 from scep.core.service import ScepService
-from scep.http import admin_auth
+from scep.http import admin_auth, status
 from scep.http.web import HttpReply, Request
 from scep.keys import CustodyError, KeyHome
 from scep.store import (
     MAX_PAGE_SIZE,
+    CertificatePage,
     CertificateQuery,
     CertStatus,
     IssuedCertificate,
@@ -30,6 +32,7 @@ from scep.store import (
     Store,
     StoreError,
     UnknownSerial,
+    serial_hex,
 )
 
 log = logging.getLogger("scep.http.admin_api")
@@ -63,12 +66,6 @@ def parse_serial(text: str) -> int:
     if not digits or len(digits) > MAX_SERIAL_DIGITS or not _HEX.fullmatch(digits):
         raise BadInput(f"serial must be hexadecimal as openssl x509 -serial prints it, not {text[:60]!r}")
     return int(digits, 16)
-
-
-def serial_hex(serial: int) -> str:
-    """As `openssl x509 -serial` prints it: upper-case hex, an even number of digits."""
-    digits = f"{serial:X}"
-    return digits.zfill(len(digits) + len(digits) % 2)
 
 
 def parse_reason(text: str) -> RevocationReason:
@@ -191,7 +188,9 @@ def handle(action: str, request: Request, service: Callable[[], ScepService]) ->
         return admin_auth.login(request)
     principal = admin_auth.require_admin(request)
     if isinstance(principal, HttpReply):
-        return principal
+        return _sign_in_first(request, principal) if action == "status" else principal
+    if action == "status":
+        return _status_page(service(), request, principal)
     try:
         return _json(200, _ACTIONS[action](service(), request))
     except BadInput as error:
@@ -201,6 +200,73 @@ def handle(action: str, request: Request, service: Callable[[], ScepService]) ->
     except StoreError as error:
         log.error("admin %s failed: %s", action, error)
         return _error(503, "unavailable", "the inventory is temporarily unavailable")
+
+
+# --------------------------------------------------------------------------------------------- the admin page
+
+
+def _sign_in_first(request: Request, refused: HttpReply) -> HttpReply:
+    """A browser opening the admin page without a (valid) session gets the sign-in form, still with 401 and no
+    data; Entra ID callers (no form) and every other refusal get the refusal itself."""
+    if refused.status != 401 or request.method.upper() != "GET" or config.settings().admin.mode != "credential":
+        return refused
+    page = status.login_page(status.ADMIN_PATH)
+    return HttpReply(401, page.encode("utf-8"), "text/html; charset=utf-8", {**refused.headers, **status.ADMIN_HEADERS})
+
+
+def _status_page(service: ScepService, request: Request, principal: admin_auth.AdminPrincipal) -> HttpReply:
+    """GET: counts, failures, the search; POST: revoke one certificate (as the API's revoke), then the page."""
+    notice, problem, code = "", "", 200
+    try:
+        if request.method.upper() == "POST":
+            notice = _revoke_from_form(service, request)
+        search = status.Search(request.params.get("by", "subject"), request.params.get("q", "").strip(),
+                               request.params.get("status", ""))
+        results = _search(service.store, search, request.params.get("page") or None)
+    except (BadInput, UnknownSerial, ValueError) as error:
+        problem, code, search, results = str(error), 400, status.Search(), None
+    try:
+        view = status.admin_view(service, principal.name, principal.csrf_token, search, results, notice, problem)
+    except StoreError as error:
+        log.error("admin page failed: %s", error)
+        return HttpReply(503, b"the inventory is temporarily unavailable\n", "text/plain; charset=utf-8")
+    return HttpReply(code, status.render_admin(view).encode("utf-8"), "text/html; charset=utf-8",
+                     status.ADMIN_HEADERS)
+
+
+def _revoke_from_form(service: ScepService, request: Request) -> str:
+    fields = admin_auth.form_fields(request)
+    serial = parse_serial(_required(fields, "serial"))
+    done = revoke_certificate(service.store, service.custody, serial, parse_reason(_required(fields, "reason")))
+    if done["alreadyRevoked"]:
+        return f"Certificate {done['serial']} was already revoked ({done['reason']}, {done['revokedAt']})."
+    published = "a new CRL is published" if done.get("crlPublished") else "the CRL is published at the next run"
+    return f"Certificate {done['serial']} revoked ({done['reason']}); {published}."
+
+
+def _search(store: Store, search: status.Search, page: str | None) -> CertificatePage | None:
+    """The inventory page the search form asks for; None before anything was searched."""
+    if search.by not in status.SEARCH_FIELDS:
+        raise BadInput(f"search by one of {', '.join(status.SEARCH_FIELDS)}, not {search.by[:20]!r}")
+    wanted = parse_status(search.status) if search.status else None
+    if not search.text and wanted is None:
+        return None
+    text = search.text or None
+    query = CertificateQuery(
+        subject_prefix=text if search.by == "subject" else None,
+        san=text if search.by == "san" else None,
+        serial=parse_serial(search.text) if search.by == "serial" and text else None,
+        thumbprint_sha1=_thumbprint(search.text) if search.by == "thumbprint" and text else None,
+        status=wanted, limit=DEFAULT_PAGE_SIZE, page=page,
+    )
+    return store.find_certificates(query)
+
+
+def _thumbprint(text: str) -> str:
+    digits = text.strip().replace(":", "").lower()
+    if len(digits) != 40 or not _HEX.fullmatch(digits):
+        raise BadInput("a SHA-1 thumbprint is 40 hexadecimal digits (colons allowed)")
+    return digits
 
 
 def _list(service: ScepService, request: Request) -> dict:

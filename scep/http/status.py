@@ -6,11 +6,18 @@ the CA certificate, the SCEP URL for an Intune profile, the health of each backe
 and the version. Every check is cheap and bounded: custody and store are probed in a worker thread with a short
 timeout and the answer is kept for a few seconds, so a stopped vault turns the page to "failing" within one
 refresh instead of hanging it, and many viewers cost one probe. No private-key operation runs for a view, and
-Intune is never called for one: the page shows the last outcome of the Intune calls enrollments made.
+Intune is never called for one: the page shows the last outcome of the Intune calls enrollments made. The CRL
+of each CA generation in use (its cRLNumber, thisUpdate and nextUpdate) and the OCSP signer's expiry come from one
+more bounded probe, kept longer (the CRL record and the signer are read, nothing is signed).
+
+The admin part (`admin_page`, served at /api/admin/status by admin_api behind admin_auth) shows what the public
+page must not: enrollment counts by outcome, the last failures, a certificate search and a revoke form.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import threading
 import time
@@ -18,9 +25,10 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any, Generic, TypeVar, cast
+from urllib.parse import urlencode
 
 from cryptography import x509
 
@@ -28,13 +36,29 @@ from scep import PRODUCT, __version__
 from scep.azure.intune.validator import IntuneCall, IntuneValidator
 from scep.challenge import ChallengeValidator
 from scep.core.der import fingerprint
-from scep.core.maintenance import Expiry, ExpiryState, expiry_of
+from scep.core.issuer import ca_id
+from scep.core.maintenance import EXPIRY_WARNING_DAYS, Expiry, ExpiryState, expiry_of
+from scep.core.protocol import FailInfo
 from scep.core.service import ScepService
 from scep.keys import CaKeys, KeyHome, Slot
+from scep.store import (
+    CertificatePage,
+    CertStatus,
+    EnrollmentFailure,
+    EnrollmentOutcome,
+    IssuedCertificate,
+    RevocationReason,
+    StoredCrl,
+    hour_bucket,
+    serial_hex,
+)
 
 PROBE_TIMEOUT_SECONDS = 2.0  # a backend that has not answered by then is reported failing
 PROBE_CACHE_SECONDS = 4.0  # one probe serves every view within this time
+REVOCATION_CACHE_SECONDS = 60.0  # a CRL lives for days and is due at half-life: a minute old is fresh enough
 REFRESH_SECONDS = 10
+COUNT_WINDOWS = (("1 h", timedelta(hours=1)), ("24 h", timedelta(hours=24)), ("7 days", timedelta(days=7)))
+RECENT_FAILURES = 20
 SCEP_PATH = "/api/scep"
 
 T = TypeVar("T")
@@ -105,6 +129,7 @@ class StatusProbes:
         self.service = service
         self.custody = BoundedProbe(self._read_keys)
         self.store = BoundedProbe(self._ping_store)
+        self.revocation = BoundedProbe(self._read_revocation, ttl=REVOCATION_CACHE_SECONDS)
 
     def _read_keys(self) -> CaKeys:
         home = cast(KeyHome, self.service.custody)
@@ -116,6 +141,30 @@ class StatusProbes:
     def _ping_store(self) -> bool:
         self.service.store.ping()
         return True
+
+    def _read_revocation(self) -> RevocationState:
+        home = cast(KeyHome, self.service.custody)
+        keys = home.keys()
+        crls = [(role, certificate, self.service.store.latest_crl(ca_id(certificate)))
+                for role, certificate in crl_generations(keys)]
+        signer = home.ocsp_signer()
+        return RevocationState(crls, None if signer is None else signer.certificate)
+
+
+@dataclass(frozen=True)
+class RevocationState:
+    crls: list[tuple[str, x509.Certificate, StoredCrl | None]]  # (role, CA certificate, its latest CRL)
+    ocsp_signer: x509.Certificate | None  # the delegated signer; None: the CA signs its own OCSP answers
+
+
+def crl_generations(keys: CaKeys, now: datetime | None = None) -> list[tuple[str, x509.Certificate]]:
+    """The CA generations whose CRLs are published: current, next, and every retired one not yet expired."""
+    now = now or _now()
+    generations = [("CA", keys.ca.certificate)]
+    if keys.next_ca is not None:
+        generations.append(("Next CA", keys.next_ca.certificate))
+    generations += [("Retired CA", retired) for retired in keys.retired if retired.not_valid_after_utc > now]
+    return generations
 
 
 _probes: StatusProbes | None = None
@@ -190,6 +239,41 @@ def _call_check(name: str, call: IntuneCall | None) -> Check:
     return Check(name, State.OK, f"Intune answered {call.code} at {when}")
 
 
+def crl_check(role: str, certificate: x509.Certificate, crl: StoredCrl | None, now: datetime) -> Check:
+    """Failing when missing or past nextUpdate (relying parties refuse it), warning past half-life (a publication
+    is due and has not happened)."""
+    name = f"CRL of the {role} ({ca_id(certificate)[:16]})"
+    if crl is None:
+        return Check(name, State.FAILING, "no CRL has been published for this CA")
+    detail = f"cRLNumber {crl.number}, thisUpdate {_clock(crl.this_update)}, nextUpdate {_clock(crl.next_update)}"
+    if now >= crl.next_update:
+        return Check(name, State.FAILING, f"past its nextUpdate: {detail}")
+    if now >= crl.this_update + (crl.next_update - crl.this_update) / 2:
+        return Check(name, State.WARNING, f"past half-life, a new CRL is due: {detail}")
+    return Check(name, State.OK, detail)
+
+
+def ocsp_check(signer: x509.Certificate | None, now: datetime) -> Check:
+    if signer is None:
+        return Check("OCSP signer", State.OK, "the CA signs its own OCSP answers (no delegated signer)")
+    not_after = signer.not_valid_after_utc
+    days_left = (not_after - now).days
+    detail = f"delegated signer {signer.subject.rfc4514_string()}, valid until {_clock(not_after)}"
+    if now >= not_after:
+        return Check("OCSP signer", State.WARNING, f"expired, the CA signs instead: {detail}")
+    if days_left < EXPIRY_WARNING_DAYS:
+        return Check("OCSP signer", State.WARNING, f"{days_left} days left: {detail}")
+    return Check("OCSP signer", State.OK, f"{days_left} days left: {detail}")
+
+
+def revocation_checks(probe: ProbeResult[RevocationState], now: datetime) -> list[Check]:
+    if probe.value is None:
+        return [Check("CRL and OCSP", State.FAILING, f"cannot be read: {probe.error}")]
+    state = probe.value
+    checks = [crl_check(role, certificate, crl, now) for role, certificate, crl in state.crls]
+    return checks + [ocsp_check(state.ocsp_signer, now)]
+
+
 def expiry_check(expiry: Expiry) -> Check:
     state = {ExpiryState.OK: State.OK, ExpiryState.EXPIRING: State.WARNING}.get(expiry.state, State.FAILING)
     return Check(f"{expiry.role} certificate", state, f"{expiry.days_left} days left")
@@ -216,6 +300,7 @@ def status_view(service: ScepService, request_headers: Mapping[str, str]) -> Sta
     probes = probes_for(service)
     keys_probe = probes.custody.result()
     checks = [custody_check(service, keys_probe), store_check(service, probes.store.result())]
+    checks += revocation_checks(probes.revocation.result(), _now())
     checks += intune_checks(service.validator)
     keys = keys_probe.value or probes.custody.last_value
     certificates: list[tuple[str, x509.Certificate, Expiry | None]] = []
@@ -243,6 +328,7 @@ def render(view: StatusView) -> str:
     if not certificates:
         certificates = "<p class='failing'>The CA certificate cannot be read from custody.</p>"
     return PAGE.format(
+        style=STYLE,
         title=_e(f"{PRODUCT} status"),
         refresh=REFRESH_SECONDS,
         overall=_e(view.overall.value),
@@ -294,20 +380,22 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}"[:300]
 
 
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3em .6em; border-bottom: 1px solid #ddd; vertical-align: top; }
+dt { font-weight: bold; } dd { margin: 0 0 .4em 1em; }
+.fingerprint, code { font-family: ui-monospace, monospace; word-break: break-all; }
+.ok { color: #17692b; } .warning { color: #8a5a00; } .failing { color: #b00020; font-weight: bold; }
+.unused { color: #666; } form.inline { display: inline; } td form { margin: 0; }
+"""
+
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{refresh}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .3em .6em; border-bottom: 1px solid #ddd; vertical-align: top; }}
-dt {{ font-weight: bold; }} dd {{ margin: 0 0 .4em 1em; }}
-.fingerprint, code {{ font-family: ui-monospace, monospace; word-break: break-all; }}
-.ok {{ color: #17692b; }} .warning {{ color: #8a5a00; }} .failing {{ color: #b00020; font-weight: bold; }}
-.unused {{ color: #666; }}
-</style></head>
+<style>{style}</style></head>
 <body>
 <h1>{title}: <span id="overall" class="{overall_class}">{overall}</span></h1>
 <p>Checked at {generated}; this page refreshes every {refresh} s.</p>
@@ -327,3 +415,175 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 .4em 1em; }}
 def public_page(service: ScepService, request_headers: Mapping[str, str]) -> str:
     """The public status page as HTML."""
     return render(status_view(service, request_headers))
+
+
+# --------------------------------------------------------------------------------------------- admin page
+
+ADMIN_PATH = "/api/admin/status"
+SEARCH_FIELDS = {"subject": "Subject (starts with, e.g. CN=device-)", "san": "SAN (whole name)",
+                 "serial": "Serial (hex)", "thumbprint": "SHA-1 thumbprint"}
+# The pages' one inline style block is allowed by its hash; nothing else may load, frame or post elsewhere.
+_STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode("utf-8")).digest()).decode("ascii")
+ADMIN_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; form-action 'self';"
+                               " frame-ancestors 'none'",
+}
+
+
+@dataclass(frozen=True)
+class Search:
+    by: str = "subject"  # a key of SEARCH_FIELDS
+    text: str = ""
+    status: str = ""  # a CertStatus value, or "" for any
+
+
+@dataclass(frozen=True)
+class AdminView:
+    who: str
+    csrf_token: str | None  # a browser session's; a bearer caller needs none
+    counts: list[tuple[str, datetime, dict[EnrollmentOutcome, int]]]  # (window, counted since, outcomes)
+    failures: tuple[EnrollmentFailure, ...]
+    search: Search
+    results: CertificatePage | None
+    notice: str = ""
+    problem: str = ""
+
+
+def admin_view(service: ScepService, who: str, csrf_token: str | None, search: Search,
+               results: CertificatePage | None, notice: str = "", problem: str = "") -> AdminView:
+    """The admin page's data: counts per window (whole hours: the store counts per hour), the last failures."""
+    now = _now()
+    counts = []
+    for label, window in COUNT_WINDOWS:
+        since = datetime.strptime(hour_bucket(now - window), "%Y-%m-%dT%H").replace(tzinfo=timezone.utc)
+        counts.append((label, since, service.store.enrollment_counts(since)))
+    failures = service.store.recent_failures(RECENT_FAILURES)
+    return AdminView(who, csrf_token, counts, failures, search, results, notice, problem)
+
+
+def render_admin(view: AdminView) -> str:
+    return ADMIN_PAGE.format(
+        style=STYLE,
+        title=_e(f"{PRODUCT} administration"),
+        who=_e(view.who),
+        messages=_admin_messages(view),
+        counts=_counts_table(view),
+        failures="".join(_failure_row(failure) for failure in view.failures)
+        or "<tr><td colspan='4'>No failed enrollment is recorded.</td></tr>",
+        search=_search_form(view.search),
+        results=_results(view),
+        path=ADMIN_PATH,
+    )
+
+
+def login_page(next_path: str = ADMIN_PATH) -> str:
+    """The sign-in form for a browser without a session; the login route sends it back to next_path."""
+    return LOGIN_PAGE.format(style=STYLE, title=_e(f"{PRODUCT} administration"), next=_e(next_path))
+
+
+def _admin_messages(view: AdminView) -> str:
+    notice = f"<p id='notice' class='ok'>{_e(view.notice)}</p>" if view.notice else ""
+    problem = f"<p id='problem' class='failing'>{_e(view.problem)}</p>" if view.problem else ""
+    return notice + problem
+
+
+def _counts_table(view: AdminView) -> str:
+    head = "".join(f"<th>{_e(label)}<br><small>since {_e(_clock(since))}</small></th>"
+                   for label, since, _ in view.counts)
+    rows = "".join(
+        f"<tr><th>{_e(outcome.value)}</th>"
+        + "".join(f"<td id='count-{outcome.value}-{index}'>{counts[outcome]}</td>"
+                  for index, (_, _, counts) in enumerate(view.counts))
+        + "</tr>"
+        for outcome in EnrollmentOutcome
+    )
+    return f"<table id='counts'><thead><tr><th>Outcome</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _failure_row(failure: EnrollmentFailure) -> str:
+    try:
+        info = f"{FailInfo(failure.fail_info).name.lower()} ({failure.fail_info})"
+    except ValueError:
+        info = str(failure.fail_info)
+    return (f"<tr><td>{_e(_clock(failure.at))}</td><td><code>{_e(failure.transaction_id)}</code></td>"
+            f"<td>{_e(info)}</td><td>{_e(failure.reason)}</td></tr>")
+
+
+def _search_form(search: Search) -> str:
+    fields = "".join(f"<option value='{_e(key)}'{' selected' if key == search.by else ''}>{_e(label)}</option>"
+                     for key, label in SEARCH_FIELDS.items())
+    statuses = "".join(f"<option value='{_e(status.value)}'{' selected' if status.value == search.status else ''}>"
+                       f"{_e(status.value)}</option>" for status in CertStatus)
+    return (f"<form id='search' method='get' action='{ADMIN_PATH}'>"
+            f"<select name='by'>{fields}</select> <input name='q' size='40' value='{_e(search.text)}'> "
+            f"<select name='status'><option value=''>any status</option>{statuses}</select> "
+            "<button type='submit'>Search</button></form>")
+
+
+def _results(view: AdminView) -> str:
+    if view.results is None:
+        return ""
+    if not view.results.items:
+        return "<p id='results'>No certificate matches.</p>"
+    rows = "".join(_certificate_row(view, item) for item in view.results.items)
+    more = ""
+    if view.results.next_page:
+        query = urlencode({"by": view.search.by, "q": view.search.text, "status": view.search.status,
+                           "page": view.results.next_page})
+        more = f"<p><a id='next-page' href='{ADMIN_PATH}?{_e(query)}'>Next page</a></p>"
+    head = "<tr><th>Serial</th><th>Subject</th><th>Status</th><th>Valid until</th><th>SHA-1</th><th></th></tr>"
+    return f"<table id='results'><thead>{head}</thead><tbody>{rows}</tbody></table>{more}"
+
+
+def _certificate_row(view: AdminView, item: IssuedCertificate) -> str:
+    serial = serial_hex(item.serial)
+    action = "" if item.status is CertStatus.REVOKED else _revoke_form(view, serial)
+    revoked = ""
+    if item.revoked_at is not None and item.revocation_reason is not None:
+        revoked = f"<br><small>{_e(item.revocation_reason.value)}, {_e(_clock(item.revoked_at))}</small>"
+    return (f"<tr data-serial='{_e(serial)}'><td><code>{_e(serial)}</code></td><td>{_e(item.subject)}</td>"
+            f"<td class='status'>{_e(item.status.value)}{revoked}</td>"
+            f"<td>{_e(f'{item.not_after:%Y-%m-%d %H:%M} UTC')}</td>"
+            f"<td class='fingerprint'>{_e(item.thumbprint_sha1)}</td><td>{action}</td></tr>")
+
+
+def _revoke_form(view: AdminView, serial: str) -> str:
+    csrf = (f"<input type='hidden' name='csrf_token' value='{_e(view.csrf_token)}'>" if view.csrf_token else "")
+    reasons = "".join(f"<option value='{_e(reason.value)}'>{_e(reason.value)}</option>" for reason in RevocationReason)
+    return (f"<form class='inline revoke' method='post' action='{ADMIN_PATH}'>{csrf}"
+            f"<input type='hidden' name='serial' value='{_e(serial)}'>"
+            f"<select name='reason'>{reasons}</select> <button type='submit'>Revoke</button></form>")
+
+
+_ADMIN_HEAD = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>{style}</style></head>
+<body>
+<h1>{title}</h1>
+"""
+
+ADMIN_PAGE = _ADMIN_HEAD + """<p>Signed in as {who}. The public page is <a href="/status">/status</a>.</p>
+{messages}
+<h2>Enrollments</h2>
+{counts}
+<p><small>Counted per hour: each window starts at a whole hour. Pending: the device was told to poll.</small></p>
+<h2>Last failures</h2>
+<table id="failures"><thead><tr><th>At</th><th>transactionID</th><th>failInfo</th><th>Reason</th></tr></thead>
+<tbody>{failures}</tbody></table>
+<h2>Certificates</h2>
+{search}
+{results}
+</body></html>
+"""
+
+LOGIN_PAGE = _ADMIN_HEAD + """<form id="login" method="post" action="/api/admin/login">
+<input type="hidden" name="next" value="{next}">
+<label>Admin credential (scep serve prints it) <input type="password" name="credential" autocomplete="off"></label>
+<button type="submit">Sign in</button>
+</form></body></html>
+"""

@@ -311,6 +311,7 @@ ROUTES: tuple[Route, ...] = (
     Route("admin_certificates", "api/admin/certificates", ("GET",), _admin("certificates"), admin=True),
     Route("admin_certificate", "api/admin/certificate", ("GET",), _admin("certificate"), admin=True),
     Route("admin_revoke", "api/admin/revoke", ("POST",), _admin("revoke"), admin=True),
+    Route("admin_status", "api/admin/status", ("GET", "POST"), _admin("status"), admin=True),
     Route("crl", "api/crl/{ca_file}", ("GET",), revocation.crl),
     Route("ca_issuer", "api/ca/{ca_file}", ("GET",), revocation.ca_certificate),
     Route("ocsp", "api/ocsp", ("GET", "POST"), revocation.ocsp_post),

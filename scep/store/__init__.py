@@ -29,6 +29,8 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Protocol
 
+from cryptography import x509
+
 MAX_REASON_CHARS = 1024  # a failure reason is recorded up to this length
 
 
@@ -37,6 +39,12 @@ def serial_text(serial: int) -> str:
     if serial < 0:
         raise ValueError("certificate serial numbers are positive")
     return f"{serial:040x}"
+
+
+def serial_hex(serial: int) -> str:
+    """As `openssl x509 -serial` prints it: upper-case hex, an even number of digits."""
+    digits = f"{serial:X}"
+    return digits.zfill(len(digits) + len(digits) % 2)
 
 
 def utc(value: datetime) -> datetime:
@@ -153,6 +161,8 @@ class CertificateQuery:
     issuer_sha256: str | None = None
     expires_after: datetime | None = None
     expires_before: datetime | None = None
+    san: str | None = None  # one subjectAltName value (DNS name, e-mail, URI, IP, UPN), matched whole, any case
+    thumbprint_sha1: str | None = None  # hex SHA-1 of the certificate, any case
     limit: int = 100
     page: str | None = None  # CertificatePage.next_page of the previous call
 
@@ -164,6 +174,49 @@ class CertificatePage:
 
 
 MAX_PAGE_SIZE = 1000
+
+
+class EnrollmentOutcome(str, Enum):
+    """What an enrollment was answered, as the store counts it per hour."""
+
+    ISSUED = "issued"  # record_issued
+    FAILED = "failed"  # record_failed
+    PENDING = "pending"  # a claim found the transaction busy: the device was told to poll
+
+
+@dataclass(frozen=True)
+class EnrollmentFailure:
+    """One refused or failed enrollment, kept for the admin page (the reason never holds the challenge)."""
+
+    at: datetime
+    transaction_id: str
+    fail_info: int
+    reason: str
+
+
+def hour_bucket(moment: datetime) -> str:
+    """The hour an outcome is counted in, as sortable text: '2030-01-31T23'."""
+    return f"{utc(moment):%Y-%m-%dT%H}"
+
+
+def certificate_names(der: bytes) -> tuple[str, ...]:
+    """The subjectAltName values of a certificate, lower-cased, for the SAN lookup; none when it has no SAN (or
+    the DER does not parse, which a recorded certificate always does)."""
+    try:
+        extension = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound):
+        return ()
+    names = {_name_text(name) for name in extension.value}
+    return tuple(sorted(name.lower() for name in names if name))
+
+
+def _name_text(name: x509.GeneralName) -> str:
+    if isinstance(name, x509.OtherName):  # the UPN Intune puts in a profile is a UTF8String
+        short_utf8 = name.value[:1] == b"\x0c" and len(name.value) > 1 and name.value[1] < 0x80
+        return name.value[2:].decode("utf-8", "replace") if short_utf8 else ""
+    if isinstance(name, x509.DirectoryName):
+        return name.value.rfc4514_string()
+    return str(name.value)
 
 
 @dataclass(frozen=True)
@@ -247,6 +300,14 @@ class Store(Protocol):
 
     def ping(self) -> None:
         """Raise StoreError when the store is unreachable (for health and doctor)."""
+        ...
+
+    def enrollment_counts(self, since: datetime) -> dict[EnrollmentOutcome, int]:
+        """Outcomes counted in the hour buckets from since's hour on (every outcome present, 0 when none)."""
+        ...
+
+    def recent_failures(self, limit: int) -> tuple[EnrollmentFailure, ...]:
+        """The last failed enrollments, newest first."""
         ...
 
     def record_request_result(self, result: RequestResult) -> RequestResult:

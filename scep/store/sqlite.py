@@ -35,6 +35,8 @@ from scep.store import (
     CertStatus,
     Claim,
     ClaimOutcome,
+    EnrollmentFailure,
+    EnrollmentOutcome,
     IssuedCertificate,
     RequestResult,
     Revocation,
@@ -46,12 +48,14 @@ from scep.store import (
     StoreError,
     TxState,
     UnknownSerial,
+    certificate_names,
+    hour_bucket,
     prefix_end,
     serial_text,
     utc,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 15_000
 
 _SCHEMA = (
@@ -108,6 +112,36 @@ _SCHEMA_2 = (
     "CREATE INDEX IF NOT EXISTS certificates_by_subject ON certificates (subject)",
     "CREATE INDEX IF NOT EXISTS certificates_by_issuer ON certificates (issuer_sha256, status)",
 )
+
+_SCHEMA_3 = (
+    """CREATE TABLE IF NOT EXISTS certificate_names (
+        name TEXT NOT NULL,
+        serial TEXT NOT NULL,
+        PRIMARY KEY (name, serial)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS certificates_by_thumbprint ON certificates (upper(thumbprint_sha1))",
+    """CREATE TABLE IF NOT EXISTS enrollment_counts (
+        hour TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (hour, outcome)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS enrollment_failures (
+        at TEXT NOT NULL,
+        transaction_id TEXT NOT NULL,
+        fail_info INTEGER NOT NULL,
+        reason TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS enrollment_failures_by_time ON enrollment_failures (at)",
+)
+_INSERT_NAME = "INSERT OR IGNORE INTO certificate_names (name, serial) VALUES (?, ?)"
+_COUNT_OUTCOME = (
+    "INSERT INTO enrollment_counts (hour, outcome, count) VALUES (?, ?, 1)"
+    " ON CONFLICT (hour, outcome) DO UPDATE SET count = count + 1"
+)
+_SUM_OUTCOMES = "SELECT outcome, SUM(count) FROM enrollment_counts WHERE hour >= ? GROUP BY outcome"
+_INSERT_FAILURE = "INSERT INTO enrollment_failures (at, transaction_id, fail_info, reason) VALUES (?, ?, ?, ?)"
+_SELECT_FAILURES = "SELECT at, transaction_id, fail_info, reason FROM enrollment_failures ORDER BY at DESC LIMIT ?"
 
 _CERT_COLUMNS = (
     "serial, transaction_id, subject, issuer_sha256, not_before, not_after, thumbprint_sha1, der, status,"
@@ -249,6 +283,7 @@ class SqliteStore:
                     f" ({SCHEMA_VERSION}); upgrade the software"
                 )
             _upgrade_to_2(connection)
+            _upgrade_to_3(connection, row[0])
             connection.execute("DELETE FROM schema_version")
             connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
@@ -284,6 +319,7 @@ class SqliteStore:
                     certificate = self._select_certificate(connection, _SELECT_CERT_BY_SERIAL, serial)
                     return Claim(ClaimOutcome.ISSUED, transaction_id, certificate=certificate)
                 if state == TxState.PROCESSING.value and lease_expires > now:
+                    _count(connection, EnrollmentOutcome.PENDING)
                     return Claim(ClaimOutcome.BUSY, transaction_id)
                 connection.execute(_RECLAIM_TX, (token, now + lease.total_seconds(), _now_text(), transaction_id))
                 return Claim(ClaimOutcome.CLAIMED, transaction_id, token=token)
@@ -301,6 +337,9 @@ class SqliteStore:
                 finished = connection.execute(_FINISH_ISSUED, (serial, now, claim.transaction_id, token)).rowcount
                 status = certificate.status if finished else CertStatus.UNDELIVERED
                 connection.execute(_INSERT_CERT, _certificate_row(certificate, serial, status, now))
+                connection.executemany(_INSERT_NAME, [(name, serial) for name in certificate_names(certificate.der)])
+                if finished:
+                    _count(connection, EnrollmentOutcome.ISSUED)
         except sqlite3.IntegrityError as error:
             if "certificates.serial" not in str(error):
                 raise StoreError(f"recording certificate {certificate.serial:x} failed: {error}") from error
@@ -317,10 +356,15 @@ class SqliteStore:
         token = _claimed_token(claim)
         try:
             with self._write(durable=False) as connection:
+                now = _now_text()
                 finished = connection.execute(
-                    _FINISH_FAILED,
-                    (int(fail_info), reason[:MAX_REASON_CHARS], _now_text(), claim.transaction_id, token),
+                    _FINISH_FAILED, (int(fail_info), reason[:MAX_REASON_CHARS], now, claim.transaction_id, token)
                 ).rowcount
+                if finished:
+                    _count(connection, EnrollmentOutcome.FAILED)
+                    connection.execute(
+                        _INSERT_FAILURE, (now, claim.transaction_id, int(fail_info), reason[:MAX_REASON_CHARS])
+                    )
         except sqlite3.Error as error:
             raise StoreError(f"recording the failure failed: {error}") from error
         if not finished:
@@ -353,6 +397,21 @@ class SqliteStore:
 
     def describe(self) -> str:
         return f"SQLite at {self.path}"
+
+    def enrollment_counts(self, since: datetime) -> dict[EnrollmentOutcome, int]:
+        try:
+            rows = self._connection().execute(_SUM_OUTCOMES, (hour_bucket(since),)).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"reading the enrollment counts failed: {error}") from error
+        counted = dict(rows)
+        return {outcome: int(counted.get(outcome.value, 0)) for outcome in EnrollmentOutcome}
+
+    def recent_failures(self, limit: int) -> tuple[EnrollmentFailure, ...]:
+        try:
+            rows = self._connection().execute(_SELECT_FAILURES, (limit,)).fetchall()
+        except sqlite3.Error as error:
+            raise StoreError(f"reading the recent failures failed: {error}") from error
+        return tuple(EnrollmentFailure(datetime.fromisoformat(at), tx, info, reason) for at, tx, info, reason in rows)
 
     # -- revocation ----------------------------------------------------------------------------------------
 
@@ -515,6 +574,20 @@ def _upgrade_to_2(connection: sqlite3.Connection) -> None:
         connection.execute(statement)
 
 
+def _upgrade_to_3(connection: sqlite3.Connection, version: int | None) -> None:
+    """Add the SAN lookup, the thumbprint index and the enrollment outcomes; a file of version 1 or 2 gets the SAN
+    rows of the certificates it already holds."""
+    for statement in _SCHEMA_3:
+        connection.execute(statement)
+    if version is not None and version < 3:
+        for serial, der in connection.execute("SELECT serial, der FROM certificates").fetchall():
+            connection.executemany(_INSERT_NAME, [(name, serial) for name in certificate_names(bytes(der))])
+
+
+def _count(connection: sqlite3.Connection, outcome: EnrollmentOutcome) -> None:
+    connection.execute(_COUNT_OUTCOME, (hour_bucket(datetime.now(timezone.utc)), outcome.value))
+
+
 def _result_from(row: tuple) -> RequestResult:
     context, succeeded, error_code, error_message = row
     return RequestResult(context, bool(succeeded), error_code, error_message)
@@ -571,6 +644,10 @@ def _inventory_sql(query: CertificateQuery) -> tuple[str, list]:
         where("status = ?", CertStatus(query.status).value)
     if query.issuer_sha256 is not None:
         where("issuer_sha256 = ?", query.issuer_sha256)
+    if query.san:
+        where("serial IN (SELECT serial FROM certificate_names WHERE name = ?)", query.san.strip().lower())
+    if query.thumbprint_sha1:
+        where("upper(thumbprint_sha1) = ?", query.thumbprint_sha1.strip().upper())
     if query.expires_after is not None:
         where("not_after >= ?", utc(query.expires_after).isoformat())
     if query.expires_before is not None:
