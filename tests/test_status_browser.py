@@ -1,12 +1,14 @@
 """The status page in a real headless browser (Debian's chromium and chromium-driver, driven by Selenium) against
-`scep serve`: the public page after an enrollment, its screenshot for the README, and a stopped Key Vault
-(emulator) shown as failing by the page's own refresh.
+`scep serve`: the public page after an enrollment, its screenshot for the README, a stopped Key Vault (emulator)
+shown as failing by the page's own refresh, and the admin part: sign in with the credential `scep serve` prints,
+find an enrolled device's certificate, revoke it from the page (screenshot for the operations guide).
 
 Selenium is given /usr/bin/chromedriver explicitly, so Selenium Manager never looks for (or downloads) a driver.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -18,7 +20,7 @@ import pytest
 
 from scep.core.der import fingerprint
 from scep.core.protocol import PkiStatus
-from scep.http.status import PROBE_TIMEOUT_SECONDS, REFRESH_SECONDS
+from scep.http.status import ADMIN_PATH, PROBE_TIMEOUT_SECONDS, REFRESH_SECONDS
 from scep.tools.client import ScepClient, make_csr, new_enrollment
 from tests.conftest import CHALLENGE
 from tests.emulators.entra import EntraEmulator
@@ -29,12 +31,14 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e .[t
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT = REPO_ROOT / "docs" / "images" / "status.png"
+ADMIN_SCREENSHOT = REPO_ROOT / "docs" / "images" / "status-admin.png"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1100,1300",
@@ -85,6 +89,36 @@ def test_public_status_page_shows_the_ca_and_healthy_backends(browser, keys):
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOT))
         assert "browser-device" not in browser.page_source  # no device data on the public page
+
+
+def test_admin_signs_in_finds_the_device_and_revokes_it(browser, keys):
+    with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}) as server:
+        _enrol(server, keys, "lobby-kiosk-01")
+        _enrol(server, keys, "meeting-room-display-07")
+        printed = re.search(r"Authorization: Bearer (\S+)", server.stdout)
+        assert printed is not None, server.output_tail()
+        browser.get(server.url + ADMIN_PATH)
+        browser.find_element(By.NAME, "credential").send_keys(printed.group(1))
+        browser.find_element(By.CSS_SELECTOR, "#login button").click()
+        assert browser.find_element(By.ID, "count-issued-0").text == "2", browser.page_source[:3000]
+        Select(browser.find_element(By.NAME, "by")).select_by_value("subject")
+        browser.find_element(By.NAME, "q").send_keys("CN=lobby-kiosk")
+        browser.find_element(By.CSS_SELECTOR, "#search button").click()
+        rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+        assert len(rows) == 1 and "CN=lobby-kiosk-01" in rows[0].text
+        assert rows[0].find_element(By.CLASS_NAME, "status").text == "issued"
+        serial = rows[0].get_attribute("data-serial")
+        ADMIN_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ADMIN_SCREENSHOT))
+        assert printed.group(1) not in browser.page_source  # the credential never reaches the page
+        Select(rows[0].find_element(By.NAME, "reason")).select_by_value("keyCompromise")
+        rows[0].find_element(By.CSS_SELECTOR, "form.revoke button").click()
+        assert f"Certificate {serial} revoked (keyCompromise)" in browser.find_element(By.ID, "notice").text
+        row = browser.find_element(By.CSS_SELECTOR, f"#results tr[data-serial='{serial}']")
+        assert row.find_element(By.CLASS_NAME, "status").text.startswith("revoked")
+        assert not row.find_elements(By.CSS_SELECTOR, "form.revoke")
+        browser.get(f"{server.url}{ADMIN_PATH}?by=serial&q={serial}")  # a fresh read from the store
+        assert browser.find_element(By.CSS_SELECTOR, "#results .status").text.startswith("revoked")
 
 
 def _ca_certificate(server: ScepServer):

@@ -531,11 +531,15 @@ def _results(view: AdminView) -> str:
     rows = "".join(_certificate_row(view, item) for item in view.results.items)
     more = ""
     if view.results.next_page:
-        query = urlencode({"by": view.search.by, "q": view.search.text, "status": view.search.status,
-                           "page": view.results.next_page})
-        more = f"<p><a id='next-page' href='{ADMIN_PATH}?{_e(query)}'>Next page</a></p>"
+        more = f"<p><a id='next-page' href='{_e(_search_url(view.search, view.results.next_page))}'>Next page</a></p>"
     head = "<tr><th>Serial</th><th>Subject</th><th>Status</th><th>Valid until</th><th>SHA-1</th><th></th></tr>"
     return f"<table id='results'><thead>{head}</thead><tbody>{rows}</tbody></table>{more}"
+
+
+def _search_url(search: Search, page: str | None = None) -> str:
+    """The page showing this search (again, after a revocation: the form posts to it)."""
+    fields = {"by": search.by, "q": search.text, "status": search.status, **({"page": page} if page else {})}
+    return f"{ADMIN_PATH}?{urlencode(fields)}"
 
 
 def _certificate_row(view: AdminView, item: IssuedCertificate) -> str:
@@ -553,7 +557,7 @@ def _certificate_row(view: AdminView, item: IssuedCertificate) -> str:
 def _revoke_form(view: AdminView, serial: str) -> str:
     csrf = (f"<input type='hidden' name='csrf_token' value='{_e(view.csrf_token)}'>" if view.csrf_token else "")
     reasons = "".join(f"<option value='{_e(reason.value)}'>{_e(reason.value)}</option>" for reason in RevocationReason)
-    return (f"<form class='inline revoke' method='post' action='{ADMIN_PATH}'>{csrf}"
+    return (f"<form class='inline revoke' method='post' action='{_e(_search_url(view.search))}'>{csrf}"
             f"<input type='hidden' name='serial' value='{_e(serial)}'>"
             f"<select name='reason'>{reasons}</select> <button type='submit'>Revoke</button></form>")
 
