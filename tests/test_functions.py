@@ -52,12 +52,15 @@ def call(functions, route: str, method: str = "GET", params: dict | None = None,
     return functions[route](request)
 
 
+TIMERS = {"maintenance", "crl_publication", "intune_revocations"}
+
+
 def test_routes_cover_the_paths_clients_use(functions):
     assert {"api/scep", "api/scep/pkiclient.exe", "cgi-bin/pkiclient.exe", "certsrv/mscep/mscep.dll",
             "certsrv/mscep/mscep.dll/pkiclient.exe", "api/health", "api/ca.pem", "api/ca.der", "api/ca.crt",
             "api/webhook/scepchallenge", "api/webhook/notify", "api/admin/login", "api/admin/certificates",
             "api/admin/certificate", "api/admin/revoke", "status", "api/crl/{ca_file}", "api/ca/{ca_file}",
-            "api/ocsp", "api/ocsp/{*ocsp_request}"} == set(functions) - {"maintenance", "crl_publication"}
+            "api/ocsp", "api/ocsp/{*ocsp_request}"} == set(functions) - TIMERS
 
 
 def test_get_ca_caps(functions):
@@ -164,11 +167,17 @@ def test_content_type_is_exact_with_one_charset(functions, route, params, expect
 def test_maintenance_runs_daily_from_a_timer_not_at_startup(functions):
 
     timers = [f for f in registered_functions() if isinstance(f.get_trigger(), TimerTrigger)]
-    assert [f.get_function_name() for f in timers] == ["maintenance", "crl_publication"]
+    assert [f.get_function_name() for f in timers] == ["maintenance", "crl_publication", "intune_revocations"]
     bindings = [timer.get_trigger().get_dict_repr() for timer in timers]
     assert bindings[0]["schedule"] == "0 17 3 * * *"  # NCRONTAB with seconds: 03:17:00 UTC every day
     assert bindings[1]["schedule"] == "0 7 * * * *"  # hourly, at minute 7
+    assert bindings[2]["schedule"] == "0 */15 * * * *"  # Intune's revocation requests, every 15 minutes
     assert all(binding["runOnStartup"] is False and binding["useMonitor"] is True for binding in bindings)
+
+
+def test_the_intune_revocation_timer_does_nothing_without_intune_mode(functions):
+    assert "intune" not in config.settings().modes
+    assert functions["intune_revocations"](timer=None) is None
 
 
 def test_the_timer_function_renews_a_due_ra(functions):

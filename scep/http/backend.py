@@ -3,7 +3,7 @@ Azure Functions adapters (functions.py) and the WSGI application (wsgi.py) both 
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from scep import config
 from scep.challenge.webhook import WebhookHandler
@@ -13,6 +13,9 @@ from scep.core.service import ScepService
 from scep.http import admin_api, web
 from scep.http.revocation import build_responder
 from scep.keys import CaKeys, CustodyError, KeyHome
+
+if TYPE_CHECKING:
+    from scep.azure.intune.revocation import CycleReport
 
 
 class ConfiguredBackend:
@@ -71,6 +74,23 @@ def run_publication() -> revocation.PublicationReport:
     service = config.service()
     generations = revocation.signing_generations(home_of(service))
     return revocation.publish_due(service.store, generations, validity=service.options.crl_validity)
+
+
+def run_intune_revocations() -> CycleReport | None:
+    """One cycle of Intune's revocation requests when SCEP_CHALLENGE_MODE includes intune (None otherwise); the
+    Functions timer runs it every 15 minutes in Azure, the maintenance worker of `scep serve` likewise."""
+    settings = config.settings()
+    if "intune" not in settings.modes:
+        return None
+    from scep.azure.intune.revocation import run_cycle
+
+    service = config.service()
+    client = config.build_intune_client(settings)
+    try:
+        home, validity = home_of(service), service.options.crl_validity
+        return run_cycle(client, service.store, lambda: revocation.publish_now(service.store, home, validity))
+    finally:
+        client.close()
 
 
 def home_of(service: ScepService) -> KeyHome:

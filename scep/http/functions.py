@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import azure.functions as func
 
 from scep.http import web
-from scep.http.backend import HTTP, run_maintenance, run_publication
+from scep.http.backend import HTTP, run_intune_revocations, run_maintenance, run_publication
 
 bp = func.Blueprint()
 
@@ -21,6 +21,8 @@ bp = func.Blueprint()
 MAINTENANCE_SCHEDULE = "0 17 3 * * *"
 # Hourly at minute 7: CRLs republished at half-life, withheld certificates revoked (a revocation publishes at once).
 PUBLICATION_SCHEDULE = "0 7 * * * *"
+# Every 15 minutes: Intune's revocation requests (nothing happens unless SCEP_CHALLENGE_MODE includes intune).
+INTUNE_REVOCATION_SCHEDULE = "0 */15 * * * *"
 
 
 def request_of(req: func.HttpRequest) -> web.Request:
@@ -62,3 +64,8 @@ def maintenance_daily(timer: func.TimerRequest) -> None:
 def publication_hourly(timer: func.TimerRequest) -> None:
     run_publication()
 
+
+@bp.function_name("intune_revocations")
+@bp.timer_trigger(schedule=INTUNE_REVOCATION_SCHEDULE, arg_name="timer", run_on_startup=False, use_monitor=True)
+def intune_revocations(timer: func.TimerRequest) -> None:
+    run_intune_revocations()

@@ -14,7 +14,8 @@ The maintenance job (`backend.run_maintenance`: RA self-renewal and expiry lines
 tree: the arbiter gives the role to a worker it forks when no live worker has it (`pre_fork`), so the first worker
 runs it, and so does the replacement of that worker when it dies; on a reload (SIGHUP) the role passes to the first
 new worker. Runs at worker start, then every MAINTENANCE_INTERVAL_SECONDS; the same worker runs the CRL publication
-(`backend.run_publication`) at start and then every PUBLICATION_INTERVAL_SECONDS.
+(`backend.run_publication`) at start and then every PUBLICATION_INTERVAL_SECONDS, and, in Intune mode, Intune's
+revocation requests (`backend.run_intune_revocations`) at start and then every INTUNE_REVOCATION_INTERVAL_SECONDS.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ log = logging.getLogger("scep.http.serving")
 
 MAINTENANCE_INTERVAL_SECONDS = 24 * 3600.0
 PUBLICATION_INTERVAL_SECONDS = 3600.0  # CRL publication (backend.run_publication)
+INTUNE_REVOCATION_INTERVAL_SECONDS = 900.0  # Intune's revocation requests (backend.run_intune_revocations)
 
 # gunicorn settings, read by name when this module is gunicorn's configuration (-c python:scep.http.serving).
 worker_class = "gthread"
@@ -62,7 +64,8 @@ def on_reload(server: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     if getattr(worker, "runs_maintenance", False):
         jobs = (("maintenance", backend.run_maintenance, MAINTENANCE_INTERVAL_SECONDS),
-                ("crl publication", backend.run_publication, PUBLICATION_INTERVAL_SECONDS))
+                ("crl publication", backend.run_publication, PUBLICATION_INTERVAL_SECONDS),
+                ("intune revocations", backend.run_intune_revocations, INTUNE_REVOCATION_INTERVAL_SECONDS))
         for name, job, interval in jobs:
             threading.Thread(target=_every, args=(name, job, interval), name=name, daemon=True).start()
 

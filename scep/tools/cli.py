@@ -17,6 +17,7 @@ from scep.core.ca import DEFAULT_OCSP_DAYS, CaOptions, LifecycleError
 from scep.core.issuer import fingerprint
 from scep.findings import Finding
 from scep.keys import CustodyError, KeySpec, Slot
+from scep.store import serial_hex
 from scep.store.sqlite import SqliteStore
 from scep.tools.certs import add_certs_parser
 from scep.tools.challenge import add_challenge_parser
@@ -85,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     intune_commands = intune.add_subparsers(title="intune commands")
     check = intune_commands.add_parser("check", help="token, discovery and a validateRequest round trip")
     check.set_defaults(run=_intune_check)
+    revocations = intune_commands.add_parser(
+        "revocations", help="one cycle of Intune's revocation requests now: download, revoke, report back"
+    )
+    revocations.set_defaults(run=_intune_revocations)
     grant = intune_commands.add_parser("grant", help="grant the Intune app roles to a principal (post-provision)")
     grantee = grant.add_mutually_exclusive_group(required=True)
     grantee.add_argument("--principal-id", help="object id of the service principal (a managed identity)")
@@ -396,6 +401,37 @@ def _intune_check(args) -> int:
 
     settings = config.load_settings()
     return _print_findings(run_check(config.build_intune_client(settings)).lines)
+
+
+def _intune_revocations(args) -> int:
+    from scep.azure.intune.revocation import run_cycle
+    from scep.core import revocation
+
+    settings = config.load_settings(for_serving=False)
+    if "intune" not in settings.modes:
+        raise config.ConfigError("SCEP_CHALLENGE_MODE", "must include intune for Intune's revocation requests")
+    client = config.build_intune_client(settings)
+    try:
+        store, home = config.build_store(settings), config.build_key_home(settings)
+        validity = settings.service.options.crl_validity
+        report = run_cycle(client, store, lambda: revocation.publish_now(store, home, validity))
+    finally:
+        client.close()
+    if not report.ran:
+        print("another instance is running the cycle now; nothing done")
+        return 0
+    print(f"downloaded {report.downloaded} revocation requests")
+    for result in report.results:
+        outcome = "revoked" if result.succeeded else f"error {result.error_code}: {result.error_message}"
+        print(f"  {result.context}: {outcome}")
+    for serial in report.revoked:
+        print(f"{serial_hex(serial)} revoked")
+    print(f"reported to Intune: {'yes' if report.reported else 'no'}")
+    if report.crl_published is not None:
+        print(f"CRL published: {'yes' if report.crl_published else 'no (the next scheduled publication lists it)'}")
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if report.problems else 0
 
 
 def _print_findings(findings: Iterable[Finding]) -> int:
