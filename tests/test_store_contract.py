@@ -874,3 +874,35 @@ def test_sqlite_inventory_of_100000_certificates_uses_indexes(tmp_path: Path) ->
     started = time.perf_counter()
     assert len(store.revocations(issuer).entries) == 10_000
     assert time.perf_counter() - started < 5
+
+
+def test_sqlite_san_and_thumbprint_lookups_over_100000_certificates(tmp_path: Path) -> None:
+    """Correctness of the lookups at volume, and that each reads an index (the timings are in the docs)."""
+    import sqlite3
+
+    from scep.store.sqlite import _INSERT_CERT, _INSERT_NAME, _inventory_sql
+
+    path = tmp_path / "lookups.db"
+    store = SqliteStore(path)
+    base = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    rows = [
+        (f"{index + 1:040x}", f"T{index}", f"CN=device-{index:06d}", "ef" * 32, base.isoformat(),
+         (base + timedelta(minutes=index)).isoformat(), f"{index:040X}", b"\x30\x00", "issued", None, None,
+         base.isoformat())
+        for index in range(100_000)
+    ]
+    names = [(f"device-{index:06d}.contoso.test", f"{index + 1:040x}") for index in range(100_000)]
+    with sqlite3.connect(path) as raw:
+        raw.executemany(_INSERT_CERT, rows)
+        raw.executemany(_INSERT_NAME, names)
+    by_san = store.find_certificates(CertificateQuery(san="DEVICE-073421.contoso.test"))
+    assert [item.serial for item in by_san.items] == [73_422] and by_san.next_page is None
+    by_thumbprint = store.find_certificates(CertificateQuery(thumbprint_sha1=f"{73_421:040x}"))
+    assert [item.subject for item in by_thumbprint.items] == ["CN=device-073421"]
+    assert store.find_certificates(CertificateQuery(san="nobody.contoso.test")).items == ()
+    with sqlite3.connect(path) as raw:
+        for query in (CertificateQuery(san="device-073421.contoso.test"), CertificateQuery(thumbprint_sha1="AB" * 20)):
+            sql, parameters = _inventory_sql(query)
+            steps = [row[-1] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", parameters)]
+            reads = [step for step in steps if step.startswith(("SCAN", "SEARCH"))]
+            assert reads and all(step.startswith("SEARCH") for step in reads), steps  # no table scan
