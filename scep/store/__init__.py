@@ -18,7 +18,13 @@ its CRL would have missed a revocation.
 
 Inventory. `find_certificates(CertificateQuery(...))` filters by serial, subject prefix, status, issuing CA and
 expiry, one page at a time (`CertificatePage.next_page` is an opaque token for the next call). The order is the
-backend's own (SQLite: expiry, then serial; Tables: serial) but stable, and pages neither repeat nor skip.
+backend's own (SQLite: expiry, then serial; Tables: serial) but stable, and pages neither repeat nor skip. A
+subjectAltName value (`san`, whole and any case) or a SHA-1 thumbprint is found through a lookup the store writes
+with each certificate, so it costs a few reads however large the inventory.
+
+Enrollment outcomes. The store counts what it was asked to record per hour (issued, failed, and pending: a claim
+found the transaction busy) and keeps one row per failure with its failInfo and reason, for the admin page
+(`enrollment_counts(since)`, `recent_failures(limit)`).
 """
 
 from __future__ import annotations

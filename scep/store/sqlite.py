@@ -7,7 +7,10 @@ Write transactions start with BEGIN IMMEDIATE, so a claim is one atomic read-dec
 Revocation: a revocation changes the certificate's row and raises its CA's revision in one transaction; a CRL
 is saved in one transaction that first checks the stored cRLNumber is lower. Schema version 2 added the
 revocation columns, the revision and CRL tables and the inventory indexes; a version 1 file is upgraded in place
-when opened (its certificates read as they were, none revoked).
+when opened (its certificates read as they were, none revoked). Schema version 3 added the SAN lookup
+(`certificate_names`, written with each certificate; an older file gets the rows of the certificates it holds when
+opened), an index on the upper-cased thumbprint, and the enrollment outcomes (`enrollment_counts` per hour,
+`enrollment_failures` one row per failure), written in the transaction that records the outcome.
 
 Inventory indexes: (status, not_after, serial), (not_after, serial), (subject) and (issuer_sha256, status), so
 a page of `find_certificates` is an index range scan whatever the filter; pages are keyset-paged on
