@@ -24,7 +24,7 @@ from scep.core.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
 from scep.core.service import ScepService, ServiceOptions
 from scep.keys import CustodyError, KeyTransport
 from scep.keys.local import LocalHome, LocalKey
-from scep.store import CertStatus
+from scep.store import CertStatus, EnrollmentOutcome
 from scep.store.sqlite import SqliteStore
 from scep.tools.client import (
     RequestOptions,
@@ -360,6 +360,8 @@ def test_concurrent_retransmissions_issue_once(service, keys):
     assert PkiStatus.SUCCESS in statuses
     record = service.store.certificate_for_transaction(enrollment.transaction_id)
     assert record is not None and record.status is CertStatus.ISSUED
+    counts = service.store.enrollment_counts(datetime.now(timezone.utc) - timedelta(hours=1))
+    assert counts[EnrollmentOutcome.PENDING] == statuses.count(PkiStatus.PENDING)
 
 
 class RecordingValidator:

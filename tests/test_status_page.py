@@ -23,7 +23,7 @@ from scep.core.issuer import ca_id
 from scep.core.maintenance import expiry_of
 from scep.http import backend, status, web
 from scep.keys import CaKeys
-from scep.store import CertStatus, ClaimOutcome, RevocationReason, StoredCrl, serial_hex
+from scep.store import CertStatus, RevocationReason, StoredCrl, serial_hex
 from tests.conftest import CHALLENGE
 from tests.test_admin_api import FORM, bearer, call, credential, local  # noqa: F401 (local: the fixture)
 from tests.test_store_contract import KEY, LEASE, issue, issue_with_names, new_transaction_id
@@ -327,6 +327,4 @@ def _record_outcomes(store) -> None:
     issue(store, new_transaction_id())
     refused = new_transaction_id()
     store.record_failed(store.claim(refused, KEY, LEASE), fail_info=2, reason="challenge rejected")
-    busy = new_transaction_id()
-    store.claim(busy, KEY, LEASE)
-    assert store.claim(busy, KEY, LEASE).outcome is ClaimOutcome.BUSY
+    store.count_pending()

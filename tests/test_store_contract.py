@@ -560,9 +560,7 @@ def test_enrollment_outcomes_are_counted_per_hour_and_failures_kept(open_store: 
     assert store.enrollment_counts(hour_ago) == dict.fromkeys(EnrollmentOutcome, 0)
     issue(store, new_transaction_id())
     issue(other, new_transaction_id())
-    busy = new_transaction_id()
-    store.claim(busy, KEY, LEASE)
-    assert other.claim(busy, KEY, LEASE).outcome is ClaimOutcome.BUSY
+    store.count_pending()
     refused = new_transaction_id()
     store.record_failed(store.claim(refused, KEY, LEASE), fail_info=2, reason="challenge rejected")
     store.record_failed(other.claim(refused, KEY, LEASE), fail_info=0, reason="bad algorithm")
@@ -575,6 +573,16 @@ def test_enrollment_outcomes_are_counted_per_hour_and_failures_kept(open_store: 
     ]  # both attempts, newest first, though the transaction keeps only its last state
     assert failures[0].at >= failures[1].at >= hour_ago
     assert len(other.recent_failures(1)) == 1
+
+
+def test_a_released_job_claim_counts_no_enrollment(open_store: OpenStore) -> None:
+    store = open_store()
+    hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    job = "maintenance:job:".ljust(300, "-")
+    store.release(store.claim(job, KEY, LEASE), "done")
+    assert store.claim(job, KEY, LEASE).outcome is ClaimOutcome.CLAIMED  # released: free to claim again
+    assert store.enrollment_counts(hour_ago) == dict.fromkeys(EnrollmentOutcome, 0)
+    assert not store.recent_failures(10)
 
 
 # -- concurrency ------------------------------------------------------------------------------------------------

@@ -220,8 +220,6 @@ class TableStore:
                     return _claimed(transaction_id, lease_id, current.metadata["etag"])  # our retried write
                 decided = self._decide(current, key_id, transaction_id, now, certs)
                 if decided is not None:
-                    if decided.outcome is ClaimOutcome.BUSY:
-                        self._count(EnrollmentOutcome.PENDING)
                     return decided
                 retaken = {**fresh, "Created": current.get("Created", now)}
                 try:
@@ -259,13 +257,23 @@ class TableStore:
         )
 
     def record_failed(self, claim: Claim, fail_info: int, reason: str) -> None:
+        self._finish_failed(claim, fail_info, reason, enrollment=True)
+
+    def release(self, claim: Claim, note: str) -> None:
+        self._finish_failed(claim, 0, note, enrollment=False)
+
+    def count_pending(self) -> None:
+        self._count(EnrollmentOutcome.PENDING)
+
+    def _finish_failed(self, claim: Claim, fail_info: int, reason: str, enrollment: bool) -> None:
         lease_id, etag = _lease_of(claim)
         finish = {"State": TxState.FAILED.value, "FailInfo": int(fail_info), "Reason": reason[:MAX_REASON_CHARS]}
         with _azure_errors("recording the failure"):
             tx, _ = self._clients()
             if self._finish(tx, claim.transaction_id, lease_id, etag, finish):
-                self._count(EnrollmentOutcome.FAILED)
-                self._outcomes.create_entity(_failure_entity(claim.transaction_id, fail_info, finish["Reason"]))
+                if enrollment:
+                    self._count(EnrollmentOutcome.FAILED)
+                    self._outcomes.create_entity(_failure_entity(claim.transaction_id, fail_info, finish["Reason"]))
                 return
         raise StoreError(f"lease on transaction {claim.transaction_id!r} was lost")
 

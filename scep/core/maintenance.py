@@ -166,7 +166,7 @@ def _renew_if_due(
         )
         return renewed
     finally:
-        store.record_failed(claim, 0, outcome)  # releases the claim; the next run re-checks the RA
+        store.release(claim, outcome)  # the next run re-checks the RA
 
 
 def _due(ra: x509.Certificate, ca: x509.Certificate, renew_days: int, now: datetime) -> bool:

@@ -194,6 +194,7 @@ class ScepService:
         if claim.outcome is ClaimOutcome.ISSUED:
             return self._deliver_again(keys, request, envelope, claim)
         if claim.outcome is ClaimOutcome.BUSY:
+            self.store.count_pending()
             return self._pending(keys, request)
         if claim.outcome is ClaimOutcome.KEY_MISMATCH:
             return self._refuse(keys, request, FailInfo.BAD_REQUEST, "this transactionID belongs to another key")

@@ -267,7 +267,17 @@ class Store(Protocol):
         """
         ...
 
-    def record_failed(self, claim: Claim, fail_info: int, reason: str) -> None: ...
+    def record_failed(self, claim: Claim, fail_info: int, reason: str) -> None:
+        """End a claimed enrollment as failed (it may be claimed again) and count it as a failed enrollment."""
+        ...
+
+    def release(self, claim: Claim, note: str) -> None:
+        """End a claim that was no enrollment (a maintenance job's lock) so it may be claimed again; counts nothing."""
+        ...
+
+    def count_pending(self) -> None:
+        """Count an enrollment answered PENDING because another worker holds its transaction."""
+        ...
 
     def mark_undelivered(self, serial: int) -> None:
         """Withhold a certificate (a REVOKED one stays REVOKED)."""

@@ -322,7 +322,6 @@ class SqliteStore:
                     certificate = self._select_certificate(connection, _SELECT_CERT_BY_SERIAL, serial)
                     return Claim(ClaimOutcome.ISSUED, transaction_id, certificate=certificate)
                 if state == TxState.PROCESSING.value and lease_expires > now:
-                    _count(connection, EnrollmentOutcome.PENDING)
                     return Claim(ClaimOutcome.BUSY, transaction_id)
                 connection.execute(_RECLAIM_TX, (token, now + lease.total_seconds(), _now_text(), transaction_id))
                 return Claim(ClaimOutcome.CLAIMED, transaction_id, token=token)
@@ -356,6 +355,19 @@ class SqliteStore:
             )
 
     def record_failed(self, claim: Claim, fail_info: int, reason: str) -> None:
+        self._finish_failed(claim, fail_info, reason, enrollment=True)
+
+    def release(self, claim: Claim, note: str) -> None:
+        self._finish_failed(claim, 0, note, enrollment=False)
+
+    def count_pending(self) -> None:
+        try:
+            with self._write(durable=False) as connection:
+                _count(connection, EnrollmentOutcome.PENDING)
+        except sqlite3.Error as error:
+            raise StoreError(f"counting a pending enrollment failed: {error}") from error
+
+    def _finish_failed(self, claim: Claim, fail_info: int, reason: str, enrollment: bool) -> None:
         token = _claimed_token(claim)
         try:
             with self._write(durable=False) as connection:
@@ -363,7 +375,7 @@ class SqliteStore:
                 finished = connection.execute(
                     _FINISH_FAILED, (int(fail_info), reason[:MAX_REASON_CHARS], now, claim.transaction_id, token)
                 ).rowcount
-                if finished:
+                if finished and enrollment:
                     _count(connection, EnrollmentOutcome.FAILED)
                     connection.execute(
                         _INSERT_FAILURE, (now, claim.transaction_id, int(fail_info), reason[:MAX_REASON_CHARS])

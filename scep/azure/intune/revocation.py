@@ -101,7 +101,7 @@ def run_cycle(
         report = _cycle(client, store, publish, max_requests, now or datetime.now(timezone.utc))
         return report
     finally:
-        store.record_failed(claim, 0, "; ".join(report.problems) or "done")  # releases the claim
+        store.release(claim, "; ".join(report.problems) or "done")
 
 
 def _cycle(
