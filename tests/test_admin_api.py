@@ -129,6 +129,21 @@ def test_revoke_is_idempotent_and_keeps_the_first_time_and_reason(local):
     assert shown["status"] == "revoked" and shown["revocationReason"] == "keyCompromise"
 
 
+def test_revoking_publishes_a_crl_of_the_configured_validity(tmp_path):
+    settings = {"SCEP_DATA_DIR": str(tmp_path), "SCEP_CHALLENGE": CHALLENGE, "SCEP_CRL_VALIDITY_DAYS": "3"}
+    config.reset(config.load_settings(settings))
+    record(config.service().store, 0x0A1B2D)
+    try:
+        body = revoke_body("0A1B2D", "keyCompromise")
+        reply = call(backend.HTTP, "POST", "/api/admin/revoke", bearer(credential()), body)
+        assert reply.status == 200 and json.loads(reply.body)["crlPublished"] is True
+        ca = config.service().custody.keys().ca.certificate
+        crl = x509.load_der_x509_crl(config.service().store.latest_crl(ca_id(ca)).der)
+        assert crl.next_update_utc - crl.last_update_utc == timedelta(days=3)
+    finally:
+        config.reset()
+
+
 def test_an_unknown_serial_gets_a_clear_404(local):
     token = credential()
     for reply in (call(local, "POST", "/api/admin/revoke", bearer(token), revoke_body("DEADBEEF")),

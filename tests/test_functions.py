@@ -59,7 +59,8 @@ def test_routes_cover_the_paths_clients_use(functions):
     assert {"api/scep", "api/scep/pkiclient.exe", "cgi-bin/pkiclient.exe", "certsrv/mscep/mscep.dll",
             "certsrv/mscep/mscep.dll/pkiclient.exe", "api/health", "api/ca.pem", "api/ca.der", "api/ca.crt",
             "api/webhook/scepchallenge", "api/webhook/notify", "api/admin/login", "api/admin/certificates",
-            "api/admin/certificate", "api/admin/revoke", "status", "api/crl/{ca_file}", "api/ca/{ca_file}",
+            "api/admin/certificate", "api/admin/revoke", "api/admin/status", "status", "api/crl/{ca_file}",
+            "api/ca/{ca_file}",
             "api/ocsp", "api/ocsp/{*ocsp_request}"} == set(functions) - TIMERS
 
 

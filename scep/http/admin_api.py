@@ -20,7 +20,7 @@ from scep.core import revocation
 from scep.core.service import ScepService
 from scep.http import admin_auth, status
 from scep.http.web import HttpReply, Request
-from scep.keys import CustodyError, KeyHome
+from scep.keys import KeyHome
 from scep.store import (
     MAX_PAGE_SIZE,
     CertificatePage,
@@ -128,7 +128,9 @@ def _unknown(serial: int) -> UnknownSerial:
     return UnknownSerial(f"no certificate with serial {serial_hex(serial)} was issued by this CA")
 
 
-def revoke_certificate(store: Store, home: KeyHome, serial: int, reason: RevocationReason) -> dict:
+def revoke_certificate(
+    store: Store, home: KeyHome, serial: int, reason: RevocationReason, crl_validity: timedelta
+) -> dict:
     """Revoke (idempotent: revoking again reports the first time and reason), then publish a new CRL and replace
     the certificate's cached OCSP response at once."""
     try:
@@ -138,19 +140,8 @@ def revoke_certificate(store: Store, home: KeyHome, serial: int, reason: Revocat
     view = revocation_view(revoked)
     if not revoked.already:
         log.warning("certificate %s revoked (%s)", serial_hex(serial), reason.value)
-        view["crlPublished"] = _publish(store, home)
+        view["crlPublished"] = revocation.publish_now(store, home, crl_validity)
     return view
-
-
-def _publish(store: Store, home: KeyHome) -> bool:
-    """Publish the CRLs the revocation made due; when custody or the store fails, the revocation stands and the
-    next scheduled publication lists it."""
-    try:
-        revocation.publish_due(store, revocation.signing_generations(home))
-    except (CustodyError, StoreError) as error:
-        log.error("revocation recorded, CRL not published now: %s", error)
-        return False
-    return True
 
 
 def certificate_view(certificate: IssuedCertificate) -> dict:
@@ -237,7 +228,9 @@ def _status_page(service: ScepService, request: Request, principal: admin_auth.A
 def _revoke_from_form(service: ScepService, request: Request) -> str:
     fields = admin_auth.form_fields(request)
     serial = parse_serial(_required(fields, "serial"))
-    done = revoke_certificate(service.store, service.custody, serial, parse_reason(_required(fields, "reason")))
+    done = revoke_certificate(
+        service.store, service.custody, serial, parse_reason(_required(fields, "reason")), service.options.crl_validity
+    )
     if done["alreadyRevoked"]:
         return f"Certificate {done['serial']} was already revoked ({done['reason']}, {done['revokedAt']})."
     published = "a new CRL is published" if done.get("crlPublished") else "the CRL is published at the next run"
@@ -289,7 +282,9 @@ def _show(service: ScepService, request: Request) -> dict:
 def _revoke(service: ScepService, request: Request) -> dict:
     fields = _body_fields(request)
     serial = parse_serial(_required(fields, "serial"))
-    return revoke_certificate(service.store, service.custody, serial, parse_reason(_required(fields, "reason")))
+    return revoke_certificate(
+        service.store, service.custody, serial, parse_reason(_required(fields, "reason")), service.options.crl_validity
+    )
 
 
 _ACTIONS: dict[str, Callable[[ScepService, Request], dict]] = {

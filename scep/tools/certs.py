@@ -85,7 +85,9 @@ def _revoke(args) -> int:
     try:
         settings = _settings()
         store, home = config.build_store(settings), config.build_key_home(settings)
-        result = admin_api.revoke_certificate(store, home, args.serial, args.reason)
+        result = admin_api.revoke_certificate(
+            store, home, args.serial, args.reason, settings.service.options.crl_validity
+        )
     except UnknownSerial as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
