@@ -27,10 +27,15 @@ def describe(error: BaseException) -> str:
 
 
 @contextmanager
-def translated(into: Callable[[str], Exception], hints: Mapping[int, str] | None = None) -> Iterator[None]:
+def translated(
+    into: Callable[[str], Exception],
+    hints: Mapping[int, str] | None = None,
+    not_found: Callable[[str], Exception] | None = None,
+) -> Iterator[None]:
     """Whatever the Azure SDK raises in the block becomes `into(describe(error))`, chained to the SDK's error.
 
     hints: what to do about an HTTP status, added after the description ("HTTP 403: ...; <hint>").
+    not_found: the error for an HTTP 404 instead of `into`, for callers to whom absent is not a failure.
     ValueError counts too: the Key Vault SDK raises it for an authentication challenge it rejects
     (verify_challenge_resource).
     """
@@ -40,5 +45,7 @@ def translated(into: Callable[[str], Exception], hints: Mapping[int, str] | None
         yield
     except (AzureError, ValueError) as error:
         detail = describe(error)
-        hint = (hints or {}).get(getattr(error, "status_code", None) or 0)
-        raise into(f"{detail}; {hint}" if hint else detail) from error
+        status = getattr(error, "status_code", None) or 0
+        hint = (hints or {}).get(status)
+        make = not_found if status == 404 and not_found is not None else into
+        raise make(f"{detail}; {hint}" if hint else detail) from error

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from scep.appsettings import is_key_vault_reference
 from scep.azure.errors import translated
-from scep.keys import CustodyError
+from scep.keys import CustodyError, SecretNotFound
 
 if TYPE_CHECKING:
     from scep.azure.vault_clients import KeyVaultClients
@@ -29,7 +29,15 @@ DEFAULT_MAX_AGE_SECONDS = 300.0
 
 
 class SecretError(CustodyError):
-    """A secret could not be read (missing, disabled, access denied, vault unreachable, not a real value)."""
+    """A secret could not be read (disabled, access denied, vault unreachable, not a real value).
+
+    A secret that does not exist (HTTP 404) raises SecretMissing, a SecretError that is also the custody
+    interface's SecretNotFound."""
+
+
+class SecretMissing(SecretError, SecretNotFound):
+    """The secret does not exist (HTTP 404): a caller below the Azure layer (the static challenge) catches it as
+    SecretNotFound and tells "absent" from vault trouble without looking at the SDK's error."""
 
 
 class SecretReader:
@@ -59,7 +67,11 @@ class SecretReader:
 
     def refresh(self, name: str) -> str:
         """Read the latest version now (after the secret was refused somewhere) and cache it."""
-        with translated(lambda detail: SecretError(f"Key Vault secret '{name}' could not be read ({detail})")):
+
+        def unreadable(kind: type[SecretError]) -> Callable[[str], SecretError]:
+            return lambda detail: kind(f"Key Vault secret '{name}' could not be read ({detail})")
+
+        with translated(unreadable(SecretError), not_found=unreadable(SecretMissing)):
             secret = self._clients.secrets().get_secret(name)
         if not secret.value:
             raise SecretError(f"Key Vault secret '{name}' is empty")

@@ -20,7 +20,7 @@ from cryptography import x509
 from scep.appsettings import is_key_vault_reference
 from scep.challenge import EnrollmentRequest, Verdict
 from scep.core.protocol import FailInfo
-from scep.keys import CustodyError
+from scep.keys import SecretNotFound
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,8 @@ class StaticValidator:
             if _equal(challenge, self._secret.current()):
                 return True
             fresh = self._reread(self._secret)
-        except CustodyError as error:  # a Key Vault secret source raises SecretError, a CustodyError
-            if getattr(error.__cause__, "status_code", None) != 404:
-                raise  # vault trouble: the service answers FAILURE and logs it
-            log.error(
-                "no static challenge is accepted: %s (not found); `scep challenge init` creates it", error
-            )
+        except SecretNotFound as error:  # any other vault trouble propagates: the service answers FAILURE
+            log.error("no static challenge is accepted: %s; `scep challenge init` creates it", error)
             return False
         return fresh is not None and _equal(challenge, fresh)
 

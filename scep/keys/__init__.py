@@ -69,6 +69,10 @@ class CustodyError(Exception):
     """A custody backend could not perform an operation (unreachable, throttled past retries, refused)."""
 
 
+class SecretNotFound(CustodyError):
+    """A named secret does not exist in its vault: absent (for instance not created yet), not unreachable."""
+
+
 class KeyOperationForbidden(CustodyError):
     """The key itself does not permit the operation (its key_ops), whatever the caller's permissions.
 
