@@ -18,29 +18,23 @@ from scep.core.protocol import PkiStatus
 from scep.store import CertStatus
 from scep.tools.client import DEFAULT_OPTIONS, ScepClient, build_request, make_csr, new_enrollment, read_reply
 from tests.conftest import CHALLENGE
-from tests.emulators.entra import EntraEmulator
-from tests.emulators.keyvault import KeyVaultEmulator
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
 from tests.serverproc import ScepServer, run_cli
+from tests.vault_helpers import emulated_vault
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def cloud(azurite):
-    with EntraEmulator() as entra, KeyVaultEmulator(entra) as vault:
-        client_id = str(uuid.uuid4())
-        entra.register_managed_identity(client_id, str(uuid.uuid4()))
-        environment = {
-            **vault.client_environment(),
-            **entra.managed_identity_environment(),
-            "AZURE_CLIENT_ID": client_id,
-            "SCEP_TABLES_CONNECTION_STRING": azurite.connection_string,
-            "SCEP_TABLE_PREFIX": "e2e" + uuid.uuid4().hex[:8],
-            "SCEP_CHALLENGE": CHALLENGE,
-            "KEY_VAULT_REFRESH_SECONDS": "2",
-        }
+    settings = {
+        "SCEP_TABLES_CONNECTION_STRING": azurite.connection_string,
+        "SCEP_TABLE_PREFIX": "e2e" + uuid.uuid4().hex[:8],
+        "SCEP_CHALLENGE": CHALLENGE,
+        "KEY_VAULT_REFRESH_SECONDS": "2",
+    }
+    with emulated_vault(**settings) as (vault, environment):
         yield vault, environment
 
 

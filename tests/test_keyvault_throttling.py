@@ -8,7 +8,6 @@ itself when the vault comes back.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,9 +17,9 @@ from scep.core.protocol import PkiStatus
 from scep.store.sqlite import SqliteStore
 from scep.tools.client import Result, ScepClient, ScepClientError, make_csr, new_enrollment
 from tests.conftest import CHALLENGE
-from tests.emulators.entra import EntraEmulator
 from tests.emulators.keyvault import KeyVaultEmulator
-from tests.serverproc import ScepServer, run_cli
+from tests.serverproc import ScepServer
+from tests.vault_helpers import emulated_vault, init_ca, unique_certificate_names
 
 pytestmark = pytest.mark.e2e
 
@@ -32,21 +31,12 @@ BUDGET_SECONDS = 3
 
 @pytest.fixture(scope="module")
 def vault_and_environment() -> Iterator[tuple[KeyVaultEmulator, dict[str, str]]]:
-    with EntraEmulator() as entra, KeyVaultEmulator(entra) as vault:
-        client_id = str(uuid.uuid4())
-        entra.register_managed_identity(client_id, str(uuid.uuid4()))
-        unique = uuid.uuid4().hex[:8]
-        environment = {
-            **vault.client_environment(),
-            **entra.managed_identity_environment(),
-            "AZURE_CLIENT_ID": client_id,
-            "SCEP_CA_CERT_NAME": f"ca-{unique}",
-            "SCEP_RA_CERT_NAME": f"ra-{unique}",
-            "SCEP_CHALLENGE": CHALLENGE,
-            "SCEP_KEY_BUDGET_SECONDS": str(BUDGET_SECONDS),
-        }
-        created = run_cli(environment, "ca", "init", "--subject", "CN=Throttled Vault Root")
-        assert created.returncode == 0, created.stdout + created.stderr
+    budget = str(BUDGET_SECONDS)
+    with emulated_vault(**unique_certificate_names(), SCEP_CHALLENGE=CHALLENGE, SCEP_KEY_BUDGET_SECONDS=budget) as (
+        vault,
+        environment,
+    ):
+        init_ca(environment, "CN=Throttled Vault Root")
         yield vault, environment
 
 

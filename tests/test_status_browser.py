@@ -12,7 +12,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,15 +22,15 @@ from scep.core.protocol import PkiStatus
 from scep.http.status import ADMIN_PATH, PROBE_TIMEOUT_SECONDS, REFRESH_SECONDS
 from scep.tools.client import ScepClient, make_csr, new_enrollment
 from tests.conftest import CHALLENGE
-from tests.emulators.entra import EntraEmulator
 from tests.emulators.keyvault import KeyVaultEmulator
-from tests.serverproc import REPO_ROOT, ScepServer, run_cli
+from tests.serverproc import REPO_ROOT, ScepServer
+from tests.vault_helpers import emulated_vault, init_ca, unique_certificate_names
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e .[test] (selenium)")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -100,11 +99,12 @@ def test_admin_signs_in_finds_the_device_and_revokes_it(browser, keys):
         browser.get(server.url + ADMIN_PATH)
         browser.find_element(By.NAME, "credential").send_keys(printed.group(1))
         browser.find_element(By.CSS_SELECTOR, "#login button").click()
-        assert browser.find_element(By.ID, "count-issued-0").text == "2", browser.page_source[:3000]
+        counted = WebDriverWait(browser, 10).until(lambda driver: driver.find_element(By.ID, "count-issued-0"))
+        assert counted.text == "2", browser.page_source[:3000]
         Select(browser.find_element(By.NAME, "by")).select_by_value("subject")
         browser.find_element(By.NAME, "q").send_keys("CN=lobby-kiosk")
         browser.find_element(By.CSS_SELECTOR, "#search button").click()
-        rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")
+        rows = WebDriverWait(browser, 10).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#results tbody tr"))
         assert len(rows) == 1 and "CN=lobby-kiosk-01" in rows[0].text
         assert rows[0].find_element(By.CLASS_NAME, "status").text == "issued"
         serial = rows[0].get_attribute("data-serial")
@@ -113,7 +113,8 @@ def test_admin_signs_in_finds_the_device_and_revokes_it(browser, keys):
         assert printed.group(1) not in browser.page_source  # the credential never reaches the page
         Select(rows[0].find_element(By.NAME, "reason")).select_by_value("keyCompromise")
         rows[0].find_element(By.CSS_SELECTOR, "form.revoke button").click()
-        assert f"Certificate {serial} revoked (keyCompromise)" in browser.find_element(By.ID, "notice").text
+        notice = WebDriverWait(browser, 10).until(lambda driver: driver.find_element(By.ID, "notice"))
+        assert f"Certificate {serial} revoked (keyCompromise)" in notice.text
         row = browser.find_element(By.CSS_SELECTOR, f"#results tr[data-serial='{serial}']")
         assert row.find_element(By.CLASS_NAME, "status").text.startswith("revoked")
         assert not row.find_elements(By.CSS_SELECTOR, "form.revoke")
@@ -129,20 +130,8 @@ def _ca_certificate(server: ScepServer):
 
 @pytest.fixture(scope="module")
 def vault_environment() -> Iterator[tuple[KeyVaultEmulator, dict[str, str]]]:
-    with EntraEmulator() as entra, KeyVaultEmulator(entra) as vault:
-        client_id = str(uuid.uuid4())
-        entra.register_managed_identity(client_id, str(uuid.uuid4()))
-        unique = uuid.uuid4().hex[:8]
-        environment = {
-            **vault.client_environment(),
-            **entra.managed_identity_environment(),
-            "AZURE_CLIENT_ID": client_id,
-            "SCEP_CA_CERT_NAME": f"ca-{unique}",
-            "SCEP_RA_CERT_NAME": f"ra-{unique}",
-            "SCEP_CHALLENGE": CHALLENGE,
-        }
-        created = run_cli(environment, "ca", "init", "--subject", "CN=Status Page Vault Root")
-        assert created.returncode == 0, created.stdout + created.stderr
+    with emulated_vault(**unique_certificate_names(), SCEP_CHALLENGE=CHALLENGE) as (vault, environment):
+        init_ca(environment, "CN=Status Page Vault Root")
         yield vault, environment
 
 
