@@ -241,7 +241,7 @@ def _service_certificate(subject: x509.Name, public_key, ca_cert: x509.Certifica
 def sign_certificate(builder: x509.CertificateBuilder, signer: KeyHandle, signer_public_key=None) -> x509.Certificate:
     """Sign a certificate through custody: TBSCertificate -> digest -> KeyHandle.sign_digest -> Certificate."""
     tbs = draft(builder).tbs_certificate_bytes
-    field_index = 2 if tbs_fields(tbs)[0][0] == 0xA0 else 1  # after version (if any) and serialNumber
+    field_index = 2 if der.contents(tbs)[:1] == b"\xa0" else 1  # after version (if any) and serialNumber
     signed = sign_through_custody(tbs, signer, signer_public_key, algorithm_field=field_index)
     return x509.load_der_x509_certificate(signed)
 

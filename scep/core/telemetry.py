@@ -1,7 +1,9 @@
 """The product's traces and metrics, through the OpenTelemetry API only.
 
 The API is a no-op until the composition root installs an SDK (scep.azure.telemetry: Azure Monitor in Azure,
-console or OTLP locally), so the core and the backends record unconditionally and stay free of exporters.
+console or OTLP locally), so the core and the backends record unconditionally and stay free of exporters. Until a
+tracer provider is installed no span is started at all (the API's proxy would only hand out non-recording spans,
+at a few microseconds each), and span attributes are built only for a span that records.
 
 Traces: one span per PKIOperation (ENROLLMENT_SPAN), keyed by the SCEP transactionID, with a child span per step
 (STEP_*). Client-controlled text (the transactionID) is bounded and escaped as log records are (scep.logs.clean).
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
@@ -71,17 +73,21 @@ class Enrollment:
     def identify(self, transaction_id: str, message_type: int) -> None:
         """Key the span by the transactionID (client text: bounded and escaped) and the message type."""
         self.message_type = message_type
+        if not self.span.is_recording():
+            return
         self.span.set_attribute(ATTR_TRANSACTION_ID, clean(transaction_id))
         self.span.set_attribute(ATTR_MESSAGE_TYPE, message_type_name(message_type))
 
     def finish(self, status: PkiStatus, fail_info: FailInfo | None) -> None:
         """The reply's outcome on the span and, for an enrollment message, in scep.enrollments."""
         outcome = _OUTCOMES[status]
-        self.span.set_attribute(ATTR_OUTCOME, outcome)
         attributes = {"outcome": outcome}
         if fail_info is not None:
             attributes["fail_info"] = fail_info_name(fail_info)
-            self.span.set_attribute(ATTR_FAIL_INFO, attributes["fail_info"])
+        if self.span.is_recording():
+            self.span.set_attribute(ATTR_OUTCOME, outcome)
+            if fail_info is not None:
+                self.span.set_attribute(ATTR_FAIL_INFO, attributes["fail_info"])
         if self.message_type in ENROLLMENT_MESSAGES:
             ENROLLMENTS.add(1, attributes)
 
@@ -113,8 +119,18 @@ def step(name: str, **attributes: str) -> AbstractContextManager[Span]:
     return _span(name, attributes)
 
 
+_NO_SPAN = nullcontext(trace.INVALID_SPAN)
+
+
+def _span(name: str, attributes: dict[str, str]) -> AbstractContextManager[Span]:
+    """A span, or the shared non-recording one while no tracer provider is installed."""
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return _NO_SPAN
+    return _recorded_span(name, attributes)
+
+
 @contextmanager
-def _span(name: str, attributes: dict[str, str]) -> Iterator[Span]:
+def _recorded_span(name: str, attributes: dict[str, str]) -> Iterator[Span]:
     """A span that an exception marks failed by the exception's type only: its message could quote client input."""
     with _tracer.start_as_current_span(
         name, attributes=attributes, record_exception=False, set_status_on_exception=False

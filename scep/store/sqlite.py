@@ -220,36 +220,35 @@ class SqliteStore:
 
     # -- connections -------------------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, durable: bool = True) -> sqlite3.Connection:
+        """This thread's connection with synchronous=FULL (durable) or NORMAL: two connections, so that an
+        enrollment's claim and record do not switch the pragma back and forth."""
         local = self._local
-        connection = getattr(local, "connection", None)
-        if connection is not None and local.pid == os.getpid():
-            return connection
-        # A connection inherited across fork() must never be used (or closed) by the child.
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = FULL")
-        local.connection = connection
-        local.pid = os.getpid()
-        local.durable = True
+        if getattr(local, "pid", None) != os.getpid():
+            # A connection inherited across fork() must never be used (or closed) by the child.
+            local.connections = {}
+            local.pid = os.getpid()
+        connection = local.connections.get(durable)
+        if connection is None:
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            local.connections[durable] = connection
         return connection
 
     def close(self) -> None:
-        """Close this thread's connection (others close when their threads end)."""
-        connection = getattr(self._local, "connection", None)
-        if connection is not None and self._local.pid == os.getpid():
-            connection.close()
-        self._local.connection = None
+        """Close this thread's connections (others close when their threads end)."""
+        if getattr(self._local, "pid", None) == os.getpid():
+            for connection in self._local.connections.values():
+                connection.close()
+        self._local.connections = {}
 
     @contextmanager
     def _write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction. durable=False skips the fsync (WAL, synchronous=NORMAL): the commit survives a
         crash of the process, not of the machine; used where losing it is harmless (a claim, a failure)."""
-        connection = self._connection()
-        if self._local.durable != durable:
-            connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-            self._local.durable = durable
+        connection = self._connection(durable)
         with self._writer_turn():
             connection.execute("BEGIN IMMEDIATE")
             try:
