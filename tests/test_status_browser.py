@@ -104,7 +104,8 @@ def test_admin_signs_in_finds_the_device_and_revokes_it(browser, keys):
         Select(browser.find_element(By.NAME, "by")).select_by_value("subject")
         browser.find_element(By.NAME, "q").send_keys("CN=lobby-kiosk")
         browser.find_element(By.CSS_SELECTOR, "#search button").click()
-        rows = WebDriverWait(browser, 10).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#results tbody tr"))
+        found = WebDriverWait(browser, 10)
+        rows = found.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#results tbody tr"))
         assert len(rows) == 1 and "CN=lobby-kiosk-01" in rows[0].text
         assert rows[0].find_element(By.CLASS_NAME, "status").text == "issued"
         serial = rows[0].get_attribute("data-serial")
