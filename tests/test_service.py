@@ -21,10 +21,11 @@ from scep.core.ca import CaOptions, init_root
 from scep.core.issuer import Profile, is_ca_certificate
 from scep.core.message import issuer_and_serial_der
 from scep.core.protocol import ContentCipher, FailInfo, MessageType, PkiStatus
+from scep.core.revocation import publish_due, signing_generations
 from scep.core.service import ScepService, ServiceOptions
 from scep.keys import CustodyError, KeyTransport
 from scep.keys.local import LocalHome, LocalKey
-from scep.store import CertStatus, EnrollmentOutcome
+from scep.store import CertStatus, EnrollmentOutcome, RevocationReason
 from scep.store.sqlite import SqliteStore
 from scep.tools.client import (
     RequestOptions,
@@ -226,13 +227,22 @@ def test_cert_poll_and_get_cert(service, keys):
     assert client.poll(unknown, ra, ca).fail_info is FailInfo.BAD_CERT_ID
 
 
-def test_get_crl_is_a_signed_failure(service, keys):
+def test_get_crl_returns_the_latest_crl_of_the_issuer(service, keys):
     key = keys.new()
     ra, ca = ra_and_ca(service)
     enrollment = new_enrollment(key, make_csr(key, "x"))
     request = build_request(enrollment, ra, RequestOptions(), issuer_and_serial_der(ca), MessageType.GET_CRL)
     result = read_reply(service.pki_operation(request).der, enrollment, ra)
-    assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_REQUEST
+    assert result.status is PkiStatus.FAILURE and result.fail_info is FailInfo.BAD_CERT_ID  # nothing published yet
+    issued, _ = enroll(service, keys.new())
+    service.store.revoke(issued.certificate.serial_number, RevocationReason.KEY_COMPROMISE, datetime.now(timezone.utc))
+    publish_due(service.store, signing_generations(service.custody))
+    enrollment.sender_nonce = os.urandom(16)
+    request = build_request(enrollment, ra, RequestOptions(), issuer_and_serial_der(ca), MessageType.GET_CRL)
+    result = read_reply(service.pki_operation(request).der, enrollment, ra)
+    assert result.status is PkiStatus.SUCCESS and result.crl is not None
+    assert result.crl.is_signature_valid(ca.public_key())
+    assert result.crl.get_revoked_certificate_by_serial_number(issued.certificate.serial_number) is not None
 
 
 def test_weak_key_is_refused_naming_the_setting(service, keys):

@@ -782,18 +782,44 @@ def _signed_data(
     return der.sequence(der.oid(OID_SIGNED_DATA), der.context(0, signed))
 
 
+def crls_only(crls: Iterable[bytes]) -> bytes:
+    """A degenerate SignedData carrying CRLs (DER ContentInfo): what a GetCRL reply holds (RFC 8894 3.3.4)."""
+    signed = der.sequence(
+        der.integer(1), der.set_of([]), der.sequence(der.oid(OID_DATA)), der.context(1, b"".join(crls)), der.set_of([])
+    )
+    return der.sequence(der.oid(OID_SIGNED_DATA), der.context(0, signed))
+
+
 def read_certs_only(der: bytes) -> list[x509.Certificate]:
     """The certificates of a degenerate certs-only SignedData."""
+    signed = _degenerate_signed_data(der)
+    try:
+        choices = signed["certificates"] or []
+        return [x509.load_der_x509_certificate(c.chosen.dump()) for c in choices if c.name == "certificate"]
+    except Exception as error:
+        raise MalformedMessage(f"not a certs-only SignedData: {_short(error)}") from None
+
+
+def read_crls_only(der: bytes) -> list[x509.CertificateRevocationList]:
+    """The CRLs of a degenerate SignedData (a GetCRL reply)."""
+    signed = _degenerate_signed_data(der)
+    try:
+        choices = signed["crls"] or []
+        return [x509.load_der_x509_crl(c.chosen.dump()) for c in choices if c.name == "crl"]
+    except Exception as error:
+        raise MalformedMessage(f"unreadable CRL in a SignedData: {_short(error)}") from None
+
+
+def _degenerate_signed_data(der: bytes) -> cms.SignedData:
     try:
         info = cms.ContentInfo.load(der, strict=True)
         if info["content_type"].native != "signed_data":
-            raise MalformedMessage("not a certs-only SignedData")
-        choices = info["content"]["certificates"] or []
-        return [x509.load_der_x509_certificate(c.chosen.dump()) for c in choices if c.name == "certificate"]
+            raise MalformedMessage("not a degenerate SignedData")
+        return info["content"]
     except MalformedMessage:
         raise
     except Exception as error:
-        raise MalformedMessage(f"not a certs-only SignedData: {_short(error)}") from None
+        raise MalformedMessage(f"not a degenerate SignedData: {_short(error)}") from None
 
 
 def request_attributes(message_type: MessageType, transaction_id: str, sender_nonce: bytes) -> list[bytes]:

@@ -165,7 +165,7 @@ class ScepService:
         if kind == MessageType.GET_CERT:
             return self._get_cert(keys, request)
         if kind == MessageType.GET_CRL:
-            return self._refuse(keys, request, FailInfo.BAD_REQUEST, "this CA publishes no CRL")
+            return self._get_crl(keys, request)
         return self._refuse(keys, request, FailInfo.BAD_REQUEST, f"unsupported messageType {kind}")
 
     def _enroll(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
@@ -337,6 +337,16 @@ class ScepService:
             return self._refuse(keys, request, FailInfo.BAD_CERT_ID, "no such certificate")
         return self._success(keys, request, envelope, x509.load_der_x509_certificate(record.der))
 
+    def _get_crl(self, keys: CaKeys, request: msg.PkiMessage) -> Reply:
+        """GetCRL (RFC 8894 3.3.4): the latest CRL of the CA generation that issued the named certificate."""
+        envelope = self._envelope(keys, request)
+        issuer, _ = _issuer_and_serial(msg.open_envelope(envelope, keys.ra))
+        generation = next((c for c in keys.trusted_issuers() if c.subject.public_bytes() == issuer), None)
+        latest = self.store.latest_crl(ca_id(generation)) if generation is not None else None
+        if latest is None:
+            return self._refuse(keys, request, FailInfo.BAD_CERT_ID, "no CRL is published for that issuer")
+        return self._sealed_success(keys, request, envelope, msg.crls_only([latest.der]))
+
     def _envelope(self, keys: CaKeys, request: msg.PkiMessage) -> msg.Envelope:
         if not request.content:
             raise msg.MessageError(FailInfo.BAD_REQUEST, "the message has no pkcsPKIEnvelope")
@@ -375,7 +385,16 @@ class ScepService:
     def _success(
         self, keys: CaKeys, request: msg.PkiMessage, envelope: msg.Envelope, certificate: x509.Certificate
     ) -> Reply:
-        inner = msg.certs_only([certificate])
+        return self._sealed_success(keys, request, envelope, msg.certs_only([certificate]), certificate)
+
+    def _sealed_success(
+        self,
+        keys: CaKeys,
+        request: msg.PkiMessage,
+        envelope: msg.Envelope,
+        inner: bytes,
+        certificate: x509.Certificate | None = None,
+    ) -> Reply:
         sealed = msg.seal_envelope(inner, request.signer_certificate, envelope.cipher, envelope.transport)
         with telemetry.step(telemetry.STEP_SIGN_REPLY):
             der = msg.cert_rep(

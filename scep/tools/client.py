@@ -61,6 +61,7 @@ class Result:
     fail_info: FailInfo | None = None
     fail_info_text: str | None = None
     certificate: x509.Certificate | None = None
+    crl: x509.CertificateRevocationList | None = None  # what a GetCRL reply carries
 
 
 EC_CURVES = {"P-256": ec.SECP256R1, "P-384": ec.SECP384R1, "P-521": ec.SECP521R1}
@@ -169,10 +170,14 @@ def read_reply(der: bytes, enrollment: Enrollment, ra_certificate: x509.Certific
         return Result(reply.pki_status or PkiStatus.FAILURE, reply.fail_info, reply.fail_info_text)
     if not reply.content:
         raise ScepClientError("a SUCCESS CertRep without content")
-    certificates = msg.read_certs_only(_open_reply_envelope(reply.content, enrollment.signer))
-    if not certificates:
-        raise ScepClientError("the CertRep carries no certificate")
-    return Result(PkiStatus.SUCCESS, certificate=certificates[0])
+    inner = _open_reply_envelope(reply.content, enrollment.signer)
+    certificates = msg.read_certs_only(inner)
+    if certificates:
+        return Result(PkiStatus.SUCCESS, certificate=certificates[0])
+    crls = msg.read_crls_only(inner)
+    if not crls:
+        raise ScepClientError("the CertRep carries neither a certificate nor a CRL")
+    return Result(PkiStatus.SUCCESS, crl=crls[0])
 
 
 def _open_reply_envelope(envelope_der: bytes, signer: LocalKey) -> bytes:
