@@ -60,7 +60,9 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("SCEP_DATA_DIR", "./.scep", "Local CA/RA PEM files and the SQLite store (embedded default)."),
+    Setting(
+        "SCEP_DATA_DIR", "./.scep", "Local CA, RA and OCSP-signer PEM files, the SQLite store and the admin credential."
+    ),
     Setting("SCEP_CHALLENGE", "", "Static challenge password; `scep serve` generates one when empty.", secret=True),
     Setting("SCEP_CHALLENGE_SECRET_NAME", "", "Key Vault secret holding the static challenge.", azure=True),
     Setting("SCEP_CHALLENGE_MODE", "static", "static, intune, or static,intune (both at once).", azure=True),
@@ -69,12 +71,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SCEP_ALLOW_DES", "false", "Legacy: accept single DES and MD5 (micromdm scepclient)."),
     Setting("SCEP_MAX_MESSAGE_BYTES", str(DEFAULT_MAX_MESSAGE_BYTES), "Largest PKIOperation message accepted."),
     Setting("SCEP_ALLOWED_EKUS", ",".join(DEFAULT_EKU_NAMES), "Extended key usages a CSR may ask for (names or OIDs)."),
-    Setting("SCEP_STORE", "auto", "sqlite, tables, or auto (tables when a table endpoint is set).", azure=True),
+    Setting(
+        "SCEP_STORE",
+        "auto",
+        "sqlite, tables, or auto (tables when a table endpoint or connection string is set).",
+        azure=True,
+    ),
     Setting("SCEP_TABLES_ENDPOINT", "", "Table service URI for identity-based access.", azure=True),
     Setting("AzureWebJobsStorage__tableServiceUri", "", "Functions' identity-based storage convention.", azure=True),
     Setting("SCEP_TABLES_CONNECTION_STRING", "", "Table connection string (Azurite).", secret=True),
     Setting("SCEP_TABLE_PREFIX", "scep", "Prefix of the inventory tables.", azure=True),
-    Setting("KEY_VAULT_URL", "", "Azure Key Vault URL: CA and RA keys live there when set.", azure=True),
+    Setting("KEY_VAULT_URL", "", "Azure Key Vault URL: CA, RA and OCSP-signer keys live there when set.", azure=True),
     Setting("SCEP_CA_CERT_NAME", "scep-ca", "Key Vault certificate holding the CA.", azure=True),
     Setting("SCEP_RA_CERT_NAME", "scep-ra", "Key Vault certificate holding the RA.", azure=True),
     Setting("KEY_VAULT_REFRESH_SECONDS", "300", "How often a warm worker looks for new CA/RA versions."),

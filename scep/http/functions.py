@@ -1,5 +1,6 @@
 """The Azure Functions adapters: every route of web.ROUTES registered as an HTTP function of the blueprint, each
-calling the process's one `web.ScepHttp` (backend.HTTP), and the daily maintenance timer.
+calling the process's one `web.ScepHttp` (backend.HTTP), and the timers: daily maintenance (expiry, RA and OCSP-signer
+renewal), hourly CRL publication and Intune revocation requests every 15 minutes.
 
 Routes carry their own `api/` prefix (host.json sets routePrefix to ""), so that the paths SCEP clients use by
 habit, such as /cgi-bin/pkiclient.exe, are served too.
