@@ -743,7 +743,11 @@ def build_webhooks(settings: Settings, validator: ChallengeValidator) -> Webhook
 def build_service(settings: Settings) -> ScepService:
     home = build_key_home(settings)
     ensure_local_ca(settings, home)
-    options = replace(settings.service.options, key_custody="keyvault" if settings.uses_key_vault else "local")
+    options = replace(
+        settings.service.options,
+        key_custody="keyvault" if settings.uses_key_vault else "local",
+        store_kind=settings.store_kind,
+    )
     return ScepService(home, build_store(settings), build_validator(settings), options)
 
 

@@ -132,7 +132,8 @@ def test_a_stopped_custody_turns_the_page_failing_and_keeps_the_last_known_ca(ma
     monkeypatch.setattr(service.custody, "exists", unreachable)
     page = _page(service).body.decode()
     assert '<span id="overall" class="failing">failing</span>' in page
-    assert "<th>Key custody</th><td class='failing'>failing</td><td>" in page and "OSError: connection refused" in page
+    assert "<th>Key custody</th><td class='failing'>failing</td><td>" in page and "failed (OSError)" in page
+    assert "connection refused" not in page and str(service.custody.directory) not in page  # public: no internals
     assert fingerprint(service.custody.keys().ca.certificate) in page
 
 

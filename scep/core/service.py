@@ -65,7 +65,8 @@ class ServiceOptions:
     allow_legacy: bool = False  # single DES and MD5, for clients that speak nothing else
     profile: Profile = field(default_factory=Profile)
     key_budget_seconds: float = 20.0  # shared by the key operations of one PKIOperation, retries included
-    key_custody: str = "local"  # where the keys live (local or keyvault), for telemetry
+    key_custody: str = "local"  # where the keys live (local or keyvault), for telemetry and the status page
+    store_kind: str = "sqlite"  # where the inventory lives (sqlite or tables), for the status page
     revoke_superseded: bool = False  # revoke the certificate a RenewalReq renewed (reason superseded)
     crl_validity: timedelta = DEFAULT_CRL_VALIDITY
 

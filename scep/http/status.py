@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -52,6 +53,8 @@ from scep.store import (
     hour_bucket,
     serial_hex,
 )
+
+log = logging.getLogger("scep.http.status")
 
 PROBE_TIMEOUT_SECONDS = 2.0  # a backend that has not answered by then is reported failing
 PROBE_CACHE_SECONDS = 4.0  # one probe serves every view within this time
@@ -116,8 +119,9 @@ class BoundedProbe(Generic[T]):
             value = self._running.result(timeout=self._timeout)
         except FutureTimeout:
             return ProbeResult(None, f"no answer within {self._timeout:g} s", _now())
-        except Exception as error:  # any failure of the backend is what the page reports
-            return ProbeResult(None, _first_line(error), _now())
+        except Exception as error:  # any failure of the backend is what the page reports, by its kind only
+            log.warning("status page check failed: %s", _first_line(error))
+            return ProbeResult(None, f"failed ({type(error).__name__})", _now())
         self.last_value = value
         return ProbeResult(value, "", _now())
 
@@ -182,18 +186,24 @@ def probes_for(service: ScepService) -> StatusProbes:
 # --------------------------------------------------------------------------------------------- checks
 
 
+# The page is public: it names the kind of backend, never its path, URL or error text (those are in the logs).
+_BACKEND_NAMES = {"local": "local PEM files", "keyvault": "Azure Key Vault", "sqlite": "SQLite",
+                  "tables": "Azure Table Storage"}
+
+
 def custody_check(service: ScepService, probe: ProbeResult[CaKeys]) -> Check:
-    return _probe_check("Key custody", service.custody.describe(), probe)
+    return _probe_check("Key custody", _BACKEND_NAMES[service.options.key_custody], probe)
 
 
 def store_check(service: ScepService, probe: ProbeResult[bool]) -> Check:
-    return _probe_check("Store", service.store.describe(), probe)
+    return _probe_check("Store", _BACKEND_NAMES[service.options.store_kind], probe)
 
 
-def _probe_check(name: str, where: str, probe: ProbeResult[Any]) -> Check:
+def _probe_check(name: str, kind: str, probe: ProbeResult[Any]) -> Check:
     if probe.error:
-        return Check(name, State.FAILING, f"{where}: {probe.error}")
-    return Check(name, State.OK, f"{where}: answered at {_clock(probe.at)}")
+        return Check(name, State.FAILING, f"{kind}: {probe.error}; the logs say why")
+    return Check(name, State.OK, f"{kind}: answered at {_clock(probe.at)}")
+
 
 
 def intune_checks(validator: ChallengeValidator) -> list[Check]:
@@ -268,7 +278,7 @@ def ocsp_check(signer: x509.Certificate | None, now: datetime) -> Check:
 
 def revocation_checks(probe: ProbeResult[RevocationState], now: datetime) -> list[Check]:
     if probe.value is None:
-        return [Check("CRL and OCSP", State.FAILING, f"cannot be read: {probe.error}")]
+        return [Check("CRL and OCSP", State.FAILING, f"cannot be read: {probe.error}; the logs say why")]
     state = probe.value
     checks = [crl_check(role, certificate, crl, now) for role, certificate, crl in state.crls]
     return checks + [ocsp_check(state.ocsp_signer, now)]
