@@ -306,8 +306,10 @@ def responder_parts(home: LocalHome, store: SqliteStore):
 
 
 def test_home_authorities_pair_each_generation_with_its_signer(home: LocalHome) -> None:
+    delegated = home.ocsp_signer()  # a new CA comes with its delegated OCSP signer
+    assert delegated is not None
     assert [(a.ca.certificate, a.signer.certificate) for a in home_authorities(home)] == [
-        (home.keys().ca.certificate,) * 2
+        (home.keys().ca.certificate, delegated.certificate)
     ]
     signer = issue_ocsp_signer(home)
     rollover(home, CaOptions(subject="CN=Next,O=Contoso", spec=KeySpec("EC", curve="P-256")))

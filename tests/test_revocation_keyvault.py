@@ -29,10 +29,11 @@ def test_ocsp_signer_and_retired_ca_keys_in_key_vault(vault, tmp_path: Path) -> 
     home = make_home(vault)
     home.ocsp_name = f"ocsp-{uuid.uuid4().hex[:8]}"
     init_root(home, CaOptions(subject="CN=Vault Revocation CA", spec=EC_P256))
-    assert home.ocsp_signer() is None
-    issued = issue_ocsp_signer(home)
+    born = home.ocsp_signer()  # a new CA comes with its delegated OCSP signer
+    assert born is not None and born.certificate.issuer == home.keys().ca.certificate.subject
+    issued = issue_ocsp_signer(home)  # renewed: a new key and certificate
     signer = home.ocsp_signer()
-    assert signer is not None and signer.certificate == issued
+    assert signer is not None and signer.certificate == issued != born.certificate
     assert list(issued.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
         ExtendedKeyUsageOID.OCSP_SIGNING
     ]

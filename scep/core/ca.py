@@ -77,6 +77,7 @@ def init_root(home: KeyHome, options: CaOptions, force: bool = False) -> x509.Ce
         raise LifecycleError("a CA already exists: pass --force to replace it (devices must then trust the new CA)")
     certificate = _self_signed(home, Slot.CA, options)
     issue_ra(home)
+    issue_ocsp_signer(home)
     return certificate
 
 
@@ -100,6 +101,7 @@ def import_signed(home: KeyHome, certificate: x509.Certificate, chain: list[x509
     home.complete(slot, certificate, chain)
     if slot is Slot.CA:
         issue_ra(home)
+        issue_ocsp_signer(home)
 
 
 def issue_ra(home: KeyHome, subject: str = DEFAULT_RA_SUBJECT, days: int = 730) -> x509.Certificate:
