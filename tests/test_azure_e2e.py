@@ -21,7 +21,7 @@ from tests.conftest import CHALLENGE
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
 from tests.serverproc import ScepServer, run_cli
-from tests.vault_helpers import emulated_vault
+from tests.vault_helpers import emulated_vault, wait_for_first_crl
 
 pytestmark = pytest.mark.e2e
 
@@ -81,6 +81,7 @@ def test_key_vault_and_tables_end_to_end(cloud, keys, tmp_path: Path):
         assert record is not None and record.status is CertStatus.ISSUED
 
         # a warm enrollment costs exactly three Key Vault key operations: unwrapKey, sign, sign; no other call
+        wait_for_first_crl(server, ca)
         vault.reset_counts()
         key = keys.new()
         result = client.enroll(new_enrollment(key, make_csr(key, "vault-device-2", CHALLENGE)), ra)

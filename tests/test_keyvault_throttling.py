@@ -19,7 +19,7 @@ from scep.tools.client import Result, ScepClient, ScepClientError, make_csr, new
 from tests.conftest import CHALLENGE
 from tests.emulators.keyvault import KeyVaultEmulator
 from tests.serverproc import ScepServer
-from tests.vault_helpers import emulated_vault, init_ca, unique_certificate_names
+from tests.vault_helpers import emulated_vault, init_ca, unique_certificate_names, wait_for_first_crl
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,8 @@ def test_100_enrollments_at_concurrency_4_with_every_4th_key_operation_throttled
     vault, environment = vault_and_environment
     with ScepServer(env=environment, workers=2) as server:
         client = ScepClient(server.scep_url)
-        ra, _ = client.ca_certificates()
+        ra, ca = client.ca_certificates()
+        wait_for_first_crl(server, ca)
         vault.reset_counts()
         vault.throttle_key_operations(THROTTLE_EVERY)
         try:

@@ -15,7 +15,7 @@ from scep import config
 from scep.http import backend, web
 from scep.http.wsgi import DISCARD_LIMIT, WsgiApp, create_app
 from tests.conftest import CHALLENGE
-from tests.test_functions import registered_functions
+from tests.test_functions import TIMERS, registered_functions
 
 MAX_MESSAGE_BYTES = 8192
 
@@ -147,7 +147,7 @@ def test_webhooks_unconfigured_are_404(app):
 
 def test_both_adapters_are_built_from_one_table_and_one_handler_object(app, functions):
     assert app.http is backend.HTTP and backend.HTTP.routes is web.ROUTES
-    http_functions = {name for name in functions if name not in ("maintenance", "crl_publication")}
+    http_functions = {name for name in functions if name not in TIMERS}
     assert http_functions == {route.name for route in web.ROUTES}
 
 
