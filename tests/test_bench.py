@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench import compare, loadgen, measure, servers, stepca
+from tests.interop import require_binary
 from tests.serverproc import ScepServer, free_port
 
 CHALLENGE = "bench smoke challenge"
@@ -166,8 +166,8 @@ def test_cpu_of_a_process_tree_counts_live_and_reaped_children(tmp_path: Path) -
     assert sampler.timed_cpu_seconds >= 3 * (BURN_SECONDS - 0.01)
 
 
-@pytest.mark.skipif(shutil.which(servers.MICROMDM_BINARY) is None, reason="micromdm scepserver not installed")
 def test_micromdm_replies_are_read_and_counted(key_ders: list[bytes]) -> None:
+    require_binary(servers.MICROMDM_BINARY)
     # Concurrency 1: micromdm's file depot hands out serial numbers racily under concurrent requests.
     with servers.MicromdmServer(2048, CHALLENGE) as server:
         report = loadgen.benchmark(server.scep_url, key_ders[:3], CHALLENGE, concurrency=1, label="mdm-smoke")
@@ -177,7 +177,8 @@ def test_micromdm_replies_are_read_and_counted(key_ders: list[bytes]) -> None:
 
 def test_compare_command_writes_results(tmp_path: Path, cache_dir: Path) -> None:
     # step-ca is left out here: its build would start from an empty cache in this test's directory.
-    kinds = ["product", "micromdm"] if shutil.which(servers.MICROMDM_BINARY) else ["product"]
+    require_binary(servers.MICROMDM_BINARY)
+    kinds = ["product", "micromdm"]
     argv = ["-n", "3", "--warmup", "1", "--concurrency", "1", "--workers", "1", "--challenge", CHALLENGE]
     argv += ["--servers", *kinds, "--cache-dir", str(cache_dir), "--results-dir", str(tmp_path)]
     assert compare.main(argv) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 
 from scep.logs import MAX_MESSAGE_CHARS
 from tests.conftest import CHALLENGE
+from tests.interop import require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
 from tests.serverproc import ScepServer
 
@@ -68,12 +68,11 @@ def test_urllib_reads_the_413_of_a_5_mib_post(server):
     assert refused.value.read() == f"message larger than {MAX_MESSAGE_BYTES} bytes\n".encode()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize("expect", ["", "Expect:"])  # curl's own 100-continue, and none
 def test_curl_reads_the_413_of_a_5_mib_post(server, tmp_path, expect):
     body = tmp_path / "body.bin"
     body.write_bytes(b"\x30" * FIVE_MIB)
-    command = ["curl", "-sS", "-o", "-", "-w", "%{http_code}", "--data-binary", f"@{body}",
+    command = [require_binary("curl"), "-sS", "-o", "-", "-w", "%{http_code}", "--data-binary", f"@{body}",
                "-H", "Content-Type: application/x-pki-message", f"{server.scep_url}?operation=PKIOperation"]
     if expect:
         command[1:1] = ["-H", expect]
@@ -155,11 +154,11 @@ def test_gunicorn_records_of_client_text_are_cleaned_and_bounded():
     assert "\x1b" not in line and len(line) < MAX_MESSAGE_CHARS + 200
 
 
-@pytest.mark.skipif(shutil.which("pki") is None, reason="strongSwan's pki is not installed")
 def test_strongswan_reads_the_413_of_a_request_over_the_limit(tmp_path):
+    pki = require_binary("pki")
     with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE, "SCEP_MAX_MESSAGE_BYTES": "4096"}, workers=1) as server:
-        assert fetch_ca_certificates("pki", server, tmp_path).succeeded
-        generate_key("pki", tmp_path / "key.pem")
+        assert fetch_ca_certificates(pki, server, tmp_path).succeeded
+        generate_key(pki, tmp_path / "key.pem")
         # forty long DNS names make the PKCSReq larger than 4096 bytes
         names = [f"host-{index:03d}.a-rather-long-domain-name.example.com" for index in range(40)]
         sans = [argument for name in names for argument in ("--san", name)]

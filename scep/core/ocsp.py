@@ -266,6 +266,7 @@ def _read_request(request_der: bytes) -> _Question | None:
         return _Question(
             request.issuer_name_hash, request.issuer_key_hash, request.serial_number, request.hash_algorithm, nonce
         )
+    # cryptography raises NotImplementedError for a request of several CertIDs, which RFC 5019 clients never send
     except (ValueError, TypeError, UnsupportedAlgorithm, NotImplementedError):
         return None
 

@@ -120,7 +120,7 @@ def pyscep(tmp_path_factory) -> str:
         text=True,
     )
     if installed.returncode != 0:
-        pytest.skip(f"PyScep could not be installed: {installed.stderr.strip()[-500:]}")
+        pytest.fail(f"PyScep could not be installed from PyPI: {installed.stderr.strip()[-500:]}")
     return str(target)
 
 
