@@ -199,20 +199,98 @@ class ScepAttributes:
     recipient_nonce: bytes | None
 
 
-def _load_signed_data(der: bytes) -> tuple[cms.SignedData, cms.SignerInfo]:
+_INTEGER, _OCTET_STRING, _OID, _SEQUENCE, _SET = 2, 4, 6, 16, 17  # universal tag numbers (X.680 section 8.4)
+_CONSTRUCTED = {_INTEGER: False, _OID: False, _SEQUENCE: True, _SET: True}  # an OCTET STRING may be either (BER)
+
+
+@dataclass(frozen=True)
+class _SignerInfo:
+    """The fields of a SignerInfo (RFC 5652 section 5.3) SCEP reads, still encoded."""
+
+    sid: der.Element
+    digest_algorithm: der.Element
+    signed_attrs: der.Element | None
+    signature_algorithm: der.Element
+    signature: der.Element
+
+
+@dataclass(frozen=True)
+class _SignedData:
+    """The fields of a SignedData (RFC 5652 section 5.1) SCEP reads, still encoded."""
+
+    encapsulated: der.Element
+    certificates: der.Element | None
+    crls: der.Element | None
+    signer_infos: list[der.Element]
+
+
+def _load_signed_data(data: bytes) -> tuple[_SignedData, _SignerInfo]:
     try:
-        info = cms.ContentInfo.load(der, strict=True)
-        if info["content_type"].native != "signed_data":
+        signed_data = _signed_data_of(data)
+        if signed_data is None:
             raise MalformedMessage("not a CMS SignedData")
-        signed_data = info["content"]
-        signer_infos = signed_data["signer_infos"]
-        if len(signer_infos) != 1:
+        if len(signed_data.signer_infos) != 1:
             raise MalformedMessage("a PKIMessage has exactly one signer")
-        return signed_data, signer_infos[0]
+        return signed_data, _signer_info(signed_data.signer_infos[0])
     except MalformedMessage:
         raise
-    except Exception as error:  # asn1crypto raises many types on bad DER
+    except Exception as error:  # the parser raises ValueError on bad DER, the walk ValueError and IndexError
         raise MalformedMessage(f"not a valid PKIMessage: {_short(error)}") from None
+
+
+def _content_info(data: bytes, content_type: str) -> der.Element | None:
+    """The content of a ContentInfo (RFC 5652 section 3), or None when its content type is another."""
+    fields = der.children(_universal(der.read(data), _SEQUENCE, "ContentInfo").contents)
+    if len(fields) != 2 or not fields[1].is_(der.CONTEXT, 0):
+        raise ValueError("a ContentInfo is a content type and an [0] content")
+    if _universal(fields[0], _OID, "content type").encoded != der.oid(content_type):
+        return None
+    return der.read(fields[1].contents)
+
+
+def _signed_data_of(data: bytes) -> _SignedData | None:
+    content = _content_info(data, OID_SIGNED_DATA)
+    if content is None:
+        return None
+    fields = der.children(_universal(content, _SEQUENCE, "SignedData").contents)
+    if len(fields) < 4:
+        raise ValueError("SignedData has too few fields")
+    _universal(fields[0], _INTEGER, "SignedData version")
+    _universal(fields[1], _SET, "digestAlgorithms")
+    optional = {field.tag: field for field in fields[3:-1] if field.is_(der.CONTEXT, field.tag)}
+    if len(optional) != len(fields) - 4 or not set(optional) <= {0, 1}:
+        raise ValueError("SignedData has an unexpected field")
+    return _SignedData(
+        encapsulated=_universal(fields[2], _SEQUENCE, "encapContentInfo"),
+        certificates=optional.get(0),
+        crls=optional.get(1),
+        signer_infos=der.children(_universal(fields[-1], _SET, "signerInfos").contents),
+    )
+
+
+def _signer_info(element: der.Element) -> _SignerInfo:
+    fields = der.children(_universal(element, _SEQUENCE, "SignerInfo").contents)
+    if len(fields) < 5:
+        raise ValueError("SignerInfo has too few fields")
+    _universal(fields[0], _INTEGER, "SignerInfo version")
+    rest = fields[3:]
+    signed_attrs = rest.pop(0) if rest[0].is_(der.CONTEXT, 0) else None
+    if len(rest) not in (2, 3) or (len(rest) == 3 and not rest[2].is_(der.CONTEXT, 1)):
+        raise ValueError("SignerInfo has an unexpected field")
+    return _SignerInfo(
+        sid=fields[1],
+        digest_algorithm=_universal(fields[2], _SEQUENCE, "digestAlgorithm"),
+        signed_attrs=signed_attrs,
+        signature_algorithm=_universal(rest[0], _SEQUENCE, "signatureAlgorithm"),
+        signature=_universal(rest[1], _OCTET_STRING, "signature"),
+    )
+
+
+def _universal(element: der.Element, tag: int, what: str) -> der.Element:
+    """element, when it is of the universal type `tag` in a form that type allows; else ValueError."""
+    if not element.is_(der.UNIVERSAL, tag) or _CONSTRUCTED.get(tag, element.constructed) != element.constructed:
+        raise ValueError(f"{what} is not of its ASN.1 type")
+    return element
 
 
 @dataclass(frozen=True)
@@ -226,34 +304,26 @@ class _Value:
 _STRING_TAGS = {12: "utf-8", 19: "ascii", 20: "latin-1", 22: "ascii"}  # UTF8, Printable, T61, IA5 String
 
 
-def _signed_attributes(signer_info: cms.SignerInfo) -> dict[str, _Value]:
-    """The signed attributes by OID, read straight from the DER (the hot path of every request)."""
+def _signed_attributes(signer_info: _SignerInfo) -> dict[str, _Value]:
+    """The signed attributes by OID, each with its one value undecoded."""
+    signed_attrs = signer_info.signed_attrs.contents if signer_info.signed_attrs else b""
     try:
-        data, offset, found = signer_info["signed_attrs"].contents or b"", 0, {}
-        while offset < len(data):
-            _, _, tag, header, contents, trailer = asn1_parser.parse(data[offset:])
-            offset += len(header) + len(contents) + len(trailer)
-            if tag != 16:
-                raise MalformedMessage("a signed attribute is not a SEQUENCE")
-            oid_tlv, values = _two_elements(contents)
-            inner = asn1_parser.parse(values)
-            if inner[2] != 17 or not inner[4]:
+        found = {}
+        for attribute in der.children(signed_attrs):
+            fields = der.children(_universal(attribute, _SEQUENCE, "a signed attribute").contents)
+            if len(fields) != 2 or not fields[1].is_(der.UNIVERSAL, _SET) or not fields[1].contents:
                 raise MalformedMessage("a signed attribute has no SET of values")
-            value = asn1_parser.parse(inner[4])
-            if len(value[3]) + len(value[4]) + len(value[5]) != len(inner[4]):
+            values = der.children(fields[1].contents, limit=2)
+            if len(values) != 1:
                 raise MalformedMessage("a signed attribute must have exactly one value")
-            found[_dotted(oid_tlv)] = _Value(value[2] if value[0] == 0 else -1, value[4])
+            value = values[0]
+            tag = value.tag if value.class_ == der.UNIVERSAL else -1
+            found[_dotted(fields[0].encoded)] = _Value(tag, value.contents)
         return found
     except MalformedMessage:
         raise
     except Exception as error:
         raise MalformedMessage(f"unreadable signed attributes: {_short(error)}") from None
-
-
-def _two_elements(data: bytes) -> tuple[bytes, bytes]:
-    first = asn1_parser.parse(data)
-    size = len(first[3]) + len(first[4]) + len(first[5])
-    return data[:size], data[size:]
 
 
 def _dotted(oid_tlv: bytes) -> str:
@@ -314,37 +384,64 @@ def _octets(attributes: dict[str, _Value], oid: str) -> bytes:
     return value.contents
 
 
-def _digest_name(signer_info: cms.SignerInfo, allow_legacy: bool) -> str:
-    name = signer_info["digest_algorithm"]["algorithm"].native
+def _digest_name(signer_info: _SignerInfo, allow_legacy: bool) -> str:
+    name = _algorithm_name(algos.DigestAlgorithmId, _algorithm_oid(signer_info.digest_algorithm))
     if name in HASHES or (allow_legacy and name in LEGACY_HASHES):
         return name
     raise MessageError(FailInfo.BAD_ALG, f"digest algorithm {name} is not accepted")
 
 
-def _certificates(signed_data: cms.SignedData) -> list[x509.Certificate]:
+def _algorithm_oid(identifier: der.Element) -> bytes:
+    """The encoded OID of an AlgorithmIdentifier."""
+    return _universal(der.children(identifier.contents)[0], _OID, "algorithm").encoded
+
+
+@lru_cache(maxsize=64)
+def _algorithm_name(kind: type[core.ObjectIdentifier], oid_tlv: bytes) -> str:
+    """asn1crypto's name for an algorithm OID of that kind (the dotted form when it has none)."""
+    return kind.load(oid_tlv).native
+
+
+def _certificates(signed_data: _SignedData) -> list[x509.Certificate]:
     found = []
-    for choice in signed_data["certificates"] or []:
-        if choice.name == "certificate":
-            try:
-                found.append(x509.load_der_x509_certificate(choice.chosen.dump()))
-            except ValueError:
-                raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "unreadable certificate in message") from None
+    for choice in _choices(signed_data.certificates):
+        try:
+            found.append(x509.load_der_x509_certificate(choice.encoded))
+        except ValueError:
+            raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "unreadable certificate in message") from None
     return found
 
 
-def _find_signer(signer_info: cms.SignerInfo, certificates: list[x509.Certificate]) -> x509.Certificate:
-    sid = signer_info["sid"]
-    for certificate in certificates:
-        if sid.name == "issuer_and_serial_number":
-            chosen = sid.chosen
-            if (
-                chosen["serial_number"].native == certificate.serial_number
-                and chosen["issuer"].dump() == certificate.issuer.public_bytes()
-            ):
-                return _readable(certificate)
-        elif sid.chosen.native == _subject_key_id(certificate):
-            return _readable(certificate)
-    raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "the signer's certificate is not in the message")
+def _choices(field: der.Element | None) -> list[der.Element]:
+    """The plain choices (a Certificate, a CertificateList: SEQUENCEs) of a SignedData's certificates or crls;
+    the tagged alternatives (attribute certificates, other formats) are passed over."""
+    members = der.children(field.contents) if field is not None else []
+    return [member for member in members if member.is_(der.UNIVERSAL, _SEQUENCE)]
+
+
+def _find_signer(signer_info: _SignerInfo, certificates: list[x509.Certificate]) -> x509.Certificate:
+    sid = signer_info.sid
+    if sid.is_(der.CONTEXT, 0):  # [0] SubjectKeyIdentifier
+        key_id = sid.contents
+        found = [certificate for certificate in certificates if _subject_key_id(certificate) == key_id]
+    else:
+        issuer, serial = _issuer_and_serial(sid)
+        found = [c for c in certificates if c.serial_number == serial and c.issuer.public_bytes() == issuer]
+    if not found:
+        raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "the signer's certificate is not in the message")
+    return _readable(found[0])
+
+
+def issuer_and_serial_of(data: bytes) -> tuple[bytes, int]:
+    """The issuer Name (encoded) and serial number of an encoded IssuerAndSerialNumber; ValueError if it is not one."""
+    return _issuer_and_serial(der.read(data))
+
+
+def _issuer_and_serial(element: der.Element) -> tuple[bytes, int]:
+    fields = der.children(_universal(element, _SEQUENCE, "IssuerAndSerialNumber").contents)
+    if len(fields) != 2:
+        raise ValueError("an IssuerAndSerialNumber is a Name and an INTEGER")
+    return _universal(fields[0], _SEQUENCE, "issuer").encoded, der.integer_value(fields[1])
 
 
 def _readable(certificate: x509.Certificate) -> x509.Certificate:
@@ -367,18 +464,25 @@ def _subject_key_id(certificate: x509.Certificate) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
 
 
-def _encapsulated_content(signed_data: cms.SignedData) -> bytes | None:
-    encap = signed_data["encap_content_info"]
-    if encap["content_type"].native != "data":
+def _encapsulated_content(signed_data: _SignedData) -> bytes | None:
+    fields = der.children(signed_data.encapsulated.contents)
+    if not fields or fields[0].encoded != der.oid(OID_DATA):
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "encapsulated content is not id-data")
-    content = encap["content"]
-    if isinstance(content, core.Void):
+    if len(fields) == 1:
         return None
-    return octets(content)
+    if len(fields) != 2 or not fields[1].is_(der.CONTEXT, 0):
+        raise ValueError("eContent is an [0] OCTET STRING")
+    return _octet_string(_universal(der.read(fields[1].contents), _OCTET_STRING, "eContent"))
+
+
+def _octet_string(element: der.Element) -> bytes:
+    """The bytes of an OCTET STRING (or an IMPLICIT one), primitive or constructed (BER chunks, as Go's pkcs7
+    sends them)."""
+    return _join_chunks(element.contents, depth=0) if element.constructed else element.contents
 
 
 def _verify_signer_info(
-    signer_info: cms.SignerInfo,
+    signer_info: _SignerInfo,
     attributes: dict[str, _Value],
     signer: x509.Certificate,
     digest_name: str,
@@ -386,14 +490,14 @@ def _verify_signer_info(
 ) -> None:
     hash_class = hash_type(digest_name)
     expected = attributes.get(OID_MESSAGE_DIGEST)
-    if expected is None:
+    if expected is None or signer_info.signed_attrs is None:
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "no messageDigest attribute")
     if expected.tag != 4 or not _same(expected.contents, _hash(hash_class, content or b"")):
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "messageDigest does not match the content")
-    signed_bytes = _as_set(signer_info["signed_attrs"])
-    signature = signer_info["signature"].native
+    signed_bytes = b"\x31" + signer_info.signed_attrs.encoded[1:]  # signed over as SET OF, sent as [0] IMPLICIT
     try:
-        _verify(signer.public_key(), signature, signed_bytes, signer_info["signature_algorithm"], hash_class)
+        algorithm = algos.SignedDigestAlgorithm.load(signer_info.signature_algorithm.encoded)
+        _verify(signer.public_key(), _octet_string(signer_info.signature), signed_bytes, algorithm, hash_class)
     except (InvalidSignature, ValueError, TypeError):
         raise MessageError(FailInfo.BAD_MESSAGE_CHECK, "the message signature does not verify") from None
 
@@ -426,36 +530,30 @@ def _verify(public_key, signature: bytes, data: bytes, algorithm: algos.SignedDi
         raise ValueError("unsupported signer key type")
 
 
-def _as_set(attributes: cms.CMSAttributes) -> bytes:
-    encoded = attributes.dump()
-    return b"\x31" + encoded[1:]  # signed over as SET OF, sent as [0] IMPLICIT
-
-
 # --- envelopes -------------------------------------------------------------------------------------------
 
 
 def read_envelope(
-    der: bytes, recipient: x509.Certificate | Sequence[x509.Certificate], allow_legacy: bool = False
+    data: bytes, recipient: x509.Certificate | Sequence[x509.Certificate], allow_legacy: bool = False
 ) -> Envelope:
     """Read an EnvelopedData addressed to us, refusing legacy algorithms by default.
 
     recipient is our certificate, or all of ours that carry the same key (the RA and its encryption-only twin);
     clients may encrypt to several (micromdm adds the CA beside the RA)."""
     try:
-        info = cms.ContentInfo.load(der, strict=True)
-        if info["content_type"].native != "enveloped_data":
+        enveloped = _content_info(data, OID_ENVELOPED_DATA)
+        if enveloped is None:
             raise MessageError(FailInfo.BAD_REQUEST, "the message content is not an EnvelopedData")
-        enveloped = info["content"]
-        encrypted_content = enveloped["encrypted_content_info"]
-        algorithm = encrypted_content["content_encryption_algorithm"]
+        recipient_infos, encrypted_content_info = _enveloped_data(enveloped)
         ours = [recipient] if isinstance(recipient, x509.Certificate) else list(recipient)
-        recipient_info = _key_trans_recipient(enveloped, ours)
+        recipient_info = _key_trans_recipient(recipient_infos, ours)
+        cipher, iv, ciphertext = _encrypted_content(encrypted_content_info)
         envelope = Envelope(
-            cipher=_content_cipher(algorithm),
-            transport=_key_transport(recipient_info["key_encryption_algorithm"]),
-            encrypted_key=recipient_info["encrypted_key"].native,
-            iv=algorithm.encryption_iv,
-            ciphertext=_encrypted_content(encrypted_content),
+            cipher=cipher,
+            transport=_key_transport(recipient_info.algorithm.encoded),
+            encrypted_key=recipient_info.encrypted_key,
+            iv=iv,
+            ciphertext=ciphertext,
         )
     except MessageError:
         raise
@@ -466,6 +564,19 @@ def read_envelope(
     if not envelope.ciphertext:
         raise MessageError(FailInfo.BAD_REQUEST, "the EnvelopedData has no content")
     return envelope
+
+
+def _enveloped_data(enveloped: der.Element) -> tuple[list[der.Element], der.Element]:
+    """The recipientInfos and the encryptedContentInfo of an EnvelopedData (RFC 5652 section 6.1)."""
+    fields = der.children(_universal(enveloped, _SEQUENCE, "EnvelopedData").contents)
+    _universal(fields[0], _INTEGER, "EnvelopedData version")
+    rest = fields[2:] if len(fields) > 1 and fields[1].is_(der.CONTEXT, 0) else fields[1:]  # originatorInfo
+    if len(rest) == 3 and rest[2].is_(der.CONTEXT, 1):  # unprotectedAttrs
+        rest = rest[:2]
+    if len(rest) != 2:
+        raise ValueError("EnvelopedData has unexpected fields")
+    recipient_infos = der.children(_universal(rest[0], _SET, "recipientInfos").contents, limit=16)
+    return recipient_infos, _universal(rest[1], _SEQUENCE, "encryptedContentInfo")
 
 
 UNDECRYPTABLE = "could not decrypt the message"
@@ -586,28 +697,36 @@ def open_key_agreement_envelope(envelope_der: bytes, private_key: ec.EllipticCur
         ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(private_key.curve, point)
         kek = _key_encryption_key(private_key.exchange(ec.ECDH(), ephemeral), hash_name, wrap_oid)
         content_key = keywrap.aes_key_unwrap(kek, kari["recipient_encrypted_keys"][0]["encrypted_key"].native)
-        encrypted_content = enveloped["encrypted_content_info"]
-        algorithm = encrypted_content["content_encryption_algorithm"]
-        cipher = _content_cipher(algorithm)
-        return _cbc_decrypt(cipher, content_key, algorithm.encryption_iv, _encrypted_content(encrypted_content))
+        cipher, iv, ciphertext = _encrypted_content(der.read(enveloped["encrypted_content_info"].dump()))
+        return _cbc_decrypt(cipher, content_key, iv, ciphertext)
     except Exception as error:
         raise MessageError(
             FailInfo.BAD_MESSAGE_CHECK, f"cannot open the key-agreement envelope: {_short(error)}"
         ) from None
 
 
+@dataclass(frozen=True)
+class _KeyTransRecipient:
+    """A KeyTransRecipientInfo (RFC 5652 section 6.2.1)."""
+
+    rid: der.Element
+    algorithm: der.Element
+    encrypted_key: bytes
+
+
 def _key_trans_recipient(
-    enveloped: cms.EnvelopedData, ours: Sequence[x509.Certificate]
-) -> cms.KeyTransRecipientInfo:
+    recipient_infos: list[der.Element], ours: Sequence[x509.Certificate]
+) -> _KeyTransRecipient:
     """The key-transport RecipientInfo that names one of our certificates (issuer and serial, or key identifier).
 
     None naming ours means the request was encrypted to someone else's key (a CA certificate, an RA of another
     server, an RA this server no longer has): refused rather than guessed at."""
-    candidates = [r.chosen for r in enveloped["recipient_infos"] if r.name == "ktri"]
+    # ktri is the one untagged RecipientInfo choice; kari, kekri, pwri and ori are [1] to [4]
+    candidates = [_key_trans(info) for info in recipient_infos if info.is_(der.UNIVERSAL, _SEQUENCE)]
     if not candidates:
         raise MessageError(FailInfo.BAD_ALG, "no key-transport recipient (only RSA key transport is supported)")
     for candidate in candidates:
-        if any(_identifies(candidate["rid"], certificate) for certificate in ours):
+        if any(_identifies(candidate.rid, certificate) for certificate in ours):
             return candidate
     raise MessageError(
         FailInfo.BAD_MESSAGE_CHECK,
@@ -616,34 +735,35 @@ def _key_trans_recipient(
     )
 
 
-def _identifies(identifier: cms.RecipientIdentifier, certificate: x509.Certificate) -> bool:
-    if identifier.name == "issuer_and_serial_number":
-        chosen = identifier.chosen
-        if chosen["serial_number"].native != certificate.serial_number:
-            return False
-        issuer = certificate.issuer.public_bytes()
-        # The same DER is the same name; only a differently encoded one needs RFC 5280 name matching (stringprep
-        # of every value, a sixth of an enrollment's CPU when it ran on every request).
-        return chosen["issuer"].dump() == issuer or chosen["issuer"] == Asn1Name.load(issuer)
-    return identifier.chosen.native == _subject_key_id(certificate)
+def _key_trans(info: der.Element) -> _KeyTransRecipient:
+    fields = der.children(info.contents)
+    if len(fields) != 4:
+        raise ValueError("a KeyTransRecipientInfo has four fields")
+    _universal(fields[0], _INTEGER, "KeyTransRecipientInfo version")
+    algorithm = _universal(fields[2], _SEQUENCE, "keyEncryptionAlgorithm")
+    return _KeyTransRecipient(fields[1], algorithm, _octet_string(_universal(fields[3], _OCTET_STRING, "encryptedKey")))
 
 
-def _encrypted_content(info: cms.EncryptedContentInfo) -> bytes:
-    """encryptedContent ([0] IMPLICIT OCTET STRING), read raw: asn1crypto refuses the constructed form."""
-    data, offset = info.contents or b"", 0
-    while offset < len(data):
-        class_, method, tag, header, contents, trailer = asn1_parser.parse(data[offset:])
-        if (class_, tag) == (2, 0):
-            return contents if method == 0 else _join_chunks(contents, depth=0)
-        offset += len(header) + len(contents) + len(trailer)
-    return b""
+def _identifies(identifier: der.Element, certificate: x509.Certificate) -> bool:
+    if identifier.is_(der.CONTEXT, 0):  # [0] SubjectKeyIdentifier
+        return identifier.contents == _subject_key_id(certificate)
+    issuer, serial = _issuer_and_serial(identifier)
+    if serial != certificate.serial_number:
+        return False
+    ours = certificate.issuer.public_bytes()
+    # The same DER is the same name; only a differently encoded one needs RFC 5280 name matching (stringprep
+    # of every value, a sixth of an enrollment's CPU when it ran on every request).
+    return issuer == ours or Asn1Name.load(issuer) == Asn1Name.load(ours)
 
 
-def octets(value: core.Asn1Value) -> bytes:
-    """The bytes of an OCTET STRING, primitive or constructed (BER chunks, as Go's pkcs7 sends them)."""
-    if value.method == 0:
-        return value.contents or b""
-    return _join_chunks(value.contents or b"", depth=0)
+def _encrypted_content(info: der.Element) -> tuple[ContentCipher, bytes, bytes]:
+    """The cipher, IV and ciphertext of an EncryptedContentInfo (RFC 5652 section 6.1); the ciphertext, an
+    [0] IMPLICIT OCTET STRING, may be constructed (BER) and is empty when absent."""
+    fields = der.children(info.contents)
+    if len(fields) not in (2, 3) or (len(fields) == 3 and not fields[2].is_(der.CONTEXT, 0)):
+        raise ValueError("EncryptedContentInfo has unexpected fields")
+    cipher, iv = _content_cipher(_universal(fields[1], _SEQUENCE, "contentEncryptionAlgorithm"))
+    return cipher, iv, _octet_string(fields[2]) if len(fields) == 3 else b""
 
 
 def _join_chunks(data: bytes, depth: int) -> bytes:
@@ -662,15 +782,22 @@ def _join_chunks(data: bytes, depth: int) -> bytes:
     return b"".join(chunks)
 
 
-def _content_cipher(algorithm: algos.EncryptionAlgorithm) -> ContentCipher:
-    name = algorithm["algorithm"].native
+def _content_cipher(algorithm: der.Element) -> tuple[ContentCipher, bytes]:
+    """The cipher and IV of a content-encryption AlgorithmIdentifier (CBC: the parameters are the IV)."""
+    fields = der.children(algorithm.contents)
+    name = _algorithm_name(algos.EncryptionAlgorithmId, _algorithm_oid(algorithm))
     try:
-        return ContentCipher(name)
+        cipher = ContentCipher(name)
     except ValueError:
         raise MessageError(FailInfo.BAD_ALG, f"content encryption {name} is not supported") from None
+    if len(fields) != 2:
+        raise ValueError("the content-encryption algorithm carries no IV")
+    return cipher, _octet_string(_universal(fields[1], _OCTET_STRING, "IV"))
 
 
-def _key_transport(algorithm: cms.KeyEncryptionAlgorithm) -> KeyTransport:
+@lru_cache(maxsize=16)
+def _key_transport(encoded_algorithm: bytes) -> KeyTransport:
+    algorithm = cms.KeyEncryptionAlgorithm.load(encoded_algorithm, strict=True)
     name = algorithm["algorithm"].native
     if name == "rsaes_pkcs1v15":
         return KeyTransport.RSA_PKCS1V15
@@ -790,36 +917,32 @@ def crls_only(crls: Iterable[bytes]) -> bytes:
     return der.sequence(der.oid(OID_SIGNED_DATA), der.context(0, signed))
 
 
-def read_certs_only(der: bytes) -> list[x509.Certificate]:
+def read_certs_only(data: bytes) -> list[x509.Certificate]:
     """The certificates of a degenerate certs-only SignedData."""
-    signed = _degenerate_signed_data(der)
+    signed = _degenerate_signed_data(data)
     try:
-        choices = signed["certificates"] or []
-        return [x509.load_der_x509_certificate(c.chosen.dump()) for c in choices if c.name == "certificate"]
+        return [x509.load_der_x509_certificate(choice.encoded) for choice in _choices(signed.certificates)]
     except Exception as error:
         raise MalformedMessage(f"not a certs-only SignedData: {_short(error)}") from None
 
 
-def read_crls_only(der: bytes) -> list[x509.CertificateRevocationList]:
+def read_crls_only(data: bytes) -> list[x509.CertificateRevocationList]:
     """The CRLs of a degenerate SignedData (a GetCRL reply)."""
-    signed = _degenerate_signed_data(der)
+    signed = _degenerate_signed_data(data)
     try:
-        choices = signed["crls"] or []
-        return [x509.load_der_x509_crl(c.chosen.dump()) for c in choices if c.name == "crl"]
+        return [x509.load_der_x509_crl(choice.encoded) for choice in _choices(signed.crls)]
     except Exception as error:
         raise MalformedMessage(f"unreadable CRL in a SignedData: {_short(error)}") from None
 
 
-def _degenerate_signed_data(der: bytes) -> cms.SignedData:
+def _degenerate_signed_data(data: bytes) -> _SignedData:
     try:
-        info = cms.ContentInfo.load(der, strict=True)
-        if info["content_type"].native != "signed_data":
-            raise MalformedMessage("not a degenerate SignedData")
-        return info["content"]
-    except MalformedMessage:
-        raise
+        signed = _signed_data_of(data)
     except Exception as error:
         raise MalformedMessage(f"not a degenerate SignedData: {_short(error)}") from None
+    if signed is None:
+        raise MalformedMessage("not a degenerate SignedData")
+    return signed
 
 
 def request_attributes(message_type: MessageType, transaction_id: str, sender_nonce: bytes) -> list[bytes]:

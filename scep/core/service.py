@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import cast
 
-from asn1crypto import cms
 from asn1crypto import csr as asn1_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -533,7 +532,6 @@ def _record(
 
 def _issuer_and_serial(der: bytes) -> tuple[bytes, int]:
     try:
-        parsed = cms.IssuerAndSerialNumber.load(der, strict=True)
-        return parsed["issuer"].dump(), parsed["serial_number"].native
+        return msg.issuer_and_serial_of(der)
     except Exception:
         raise msg.MessageError(FailInfo.BAD_REQUEST, "GetCert content is not an IssuerAndSerialNumber") from None
