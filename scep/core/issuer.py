@@ -79,6 +79,7 @@ class Profile:
     public_base_url: str | None = None  # where CRLs, CA certificates and OCSP are served; None: not named
 
 
+@lru_cache(maxsize=16)
 def ca_id(ca: x509.Certificate) -> str:
     """The identifier of a CA generation in URLs and in the store: lower-case hex SHA-256 of its DER."""
     return fingerprint(ca).lower()
@@ -96,15 +97,17 @@ def ocsp_url(base_url: str) -> str:
     return f"{base_url.rstrip('/')}/api/ocsp"
 
 
-def revocation_pointers(base_url: str, ca: x509.Certificate) -> list[x509.ExtensionType]:
-    """CRL Distribution Points and Authority Information Access (OCSP, caIssuers) for a certificate of ca."""
+@lru_cache(maxsize=16)
+def revocation_pointers(base_url: str, ca: x509.Certificate) -> tuple[x509.ExtensionType, ...]:
+    """CRL Distribution Points and Authority Information Access (OCSP, caIssuers) for a certificate of ca (the
+    same for every certificate of that CA, so built once)."""
     uri = x509.UniformResourceIdentifier
     distribution = x509.DistributionPoint([uri(crl_url(base_url, ca))], None, None, None)
     access = [
         x509.AccessDescription(x509.AuthorityInformationAccessOID.OCSP, uri(ocsp_url(base_url))),
         x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, uri(ca_certificate_url(base_url, ca))),
     ]
-    return [x509.CRLDistributionPoints([distribution]), x509.AuthorityInformationAccess(access)]
+    return x509.CRLDistributionPoints([distribution]), x509.AuthorityInformationAccess(access)
 
 
 def random_serial() -> int:
@@ -365,6 +368,7 @@ def _extended_key_usage(requested: x509.ExtendedKeyUsage | None, profile: Profil
     return requested
 
 
+@lru_cache(maxsize=16)
 def authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     try:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
