@@ -33,8 +33,9 @@ from scep.logs import LEVELS
 from scep.store import Store
 
 if TYPE_CHECKING:
-    from scep.azure.intune import IntuneClient, SecretSource
-    from scep.azure.intune.client import IntuneSettings
+    from scep.azure.intune.client import IntuneClient
+    from scep.azure.intune.credential import SecretSource
+    from scep.azure.intune.settings import IntuneSettings
     from scep.azure.telemetry import TelemetrySettings
     from scep.azure.vault_clients import KeyVaultClients
     from scep.challenge.webhook import WebhookHandler
@@ -524,7 +525,7 @@ def _challenge_settings(read: _Reader) -> ChallengeSettings:
 
 
 def _intune_config(read: _Reader) -> IntuneConfig:
-    from scep.azure.intune.client import AuthMode, IntuneSettings
+    from scep.azure.intune.settings import AuthMode, IntuneSettings
 
     client = IntuneSettings(
         tenant_id=read.text("INTUNE_TENANT_ID"),
@@ -627,7 +628,7 @@ def key_vault_clients(settings: Settings) -> KeyVaultClients:
 
 def key_vault_secret(settings: Settings, secret_name: str) -> SecretSource:
     """A secret read by name from the app's Key Vault at run time (cached, re-read on refresh())."""
-    from scep.azure.intune import SecretSource
+    from scep.azure.intune.credential import SecretSource
     from scep.azure.vault_secrets import SecretReader
 
     return SecretSource.from_key_vault(SecretReader(key_vault_clients(settings)), secret_name)
@@ -708,8 +709,8 @@ def _static_validator(settings: Settings) -> StaticValidator:
 
 def build_intune_client(settings: Settings) -> IntuneClient:
     """The Intune client INTUNE_AUTH describes; ConfigError naming the setting when something it needs is missing."""
-    from scep.azure.intune import SecretSource
-    from scep.azure.intune import build_intune_client as build
+    from scep.azure.intune.credential import SecretSource
+    from scep.azure.intune.credential import build_intune_client as build
 
     check_intune(settings)
     intune = settings.intune

@@ -17,20 +17,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from scep.azure.intune import (
-    AuthMode,
+from scep.azure.intune.check import run_check
+from scep.azure.intune.client import (
+    VALIDATION_SERVICE,
     IntuneAuthenticationError,
     IntuneClient,
-    IntuneConfigError,
     IntuneConnectionError,
     IntuneHttpError,
     IntuneServiceNotFound,
-    IntuneSettings,
-    SecretSource,
-    build_intune_credential,
+    iso_utc,
 )
-from scep.azure.intune.check import run_check
-from scep.azure.intune.client import VALIDATION_SERVICE, iso_utc
+from scep.azure.intune.credential import SecretSource, build_intune_credential
+from scep.azure.intune.settings import AuthMode, IntuneConfigError, IntuneSettings
 from scep.config import ConfigError, load_settings
 from scep.findings import Status
 from tests.emulators.intune import IntuneTestbed, build_csr

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from scep.azure.intune import SecretSource, build_intune_credential
 from scep.azure.intune.client import IntuneClient
+from scep.azure.intune.credential import SecretSource, build_intune_credential
 from scep.azure.intune.revocation import (
     CYCLE_LEASE,
     CYCLE_TRANSACTION,

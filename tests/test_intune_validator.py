@@ -18,15 +18,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from scep.azure.intune import ERROR_CODES, HResult, IntuneClient, SecretSource
-from scep.azure.intune import build_intune_credential as build_credential
+from scep.azure.intune.client import ERROR_CODES, IntuneClient
+from scep.azure.intune.credential import SecretSource
+from scep.azure.intune.credential import build_intune_credential as build_credential
 from scep.azure.intune.validator import (
     FAIL_INFO_BY_CODE,
     UNAVAILABLE,
     IntuneValidator,
     serial_number_hex,
 )
-from scep.challenge import EnrollmentRequest, NotificationFailed
+from scep.challenge import EnrollmentRequest, HResult, NotificationFailed
 from scep.challenge.composite import CompositeValidator
 from scep.challenge.static import StaticValidator
 from scep.config import ConfigError, build_validator, load_settings

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from scep.azure.identity import build_credential, needs_instance_discovery_disabled
-from scep.azure.intune import SecretSource
+from scep.azure.intune.credential import SecretSource
 from scep.azure.keyvault import KeyVaultHome
 from scep.azure.vault_clients import KeyVaultClients, VaultPipeline
 from scep.azure.vault_secrets import SecretError, SecretReader

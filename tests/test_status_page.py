@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 
 from scep import config
-from scep.azure.intune import IntuneAuthenticationError, IntuneResult
+from scep.azure.intune.client import IntuneAuthenticationError, IntuneResult
 from scep.azure.intune.validator import IntuneValidator
 from scep.challenge.composite import CompositeValidator
 from scep.challenge.static import StaticValidator

@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from scep.azure.intune import HResult, IntuneClient, SecretSource, build_intune_credential
+from scep.azure.intune.client import IntuneClient
+from scep.azure.intune.credential import SecretSource, build_intune_credential
 from scep.azure.intune.validator import IntuneValidator
-from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
+from scep.challenge import EnrollmentRequest, HResult, NotificationFailed, Verdict
 from scep.challenge.composite import CompositeValidator
 from scep.challenge.static import StaticValidator
 from scep.challenge.webhook import (

@@ -14,10 +14,11 @@ is not one of Microsoft's own, that check is turned off so that nothing is sent 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from azure.core.credentials import TokenCredential
+if TYPE_CHECKING:  # only an annotation: telemetry configuration imports this module in local mode too
+    from azure.core.credentials import TokenCredential
 
 MICROSOFT_AUTHORITY_HOSTS = frozenset(
     {

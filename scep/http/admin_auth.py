@@ -30,8 +30,6 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-import jwt
-
 from scep import config
 from scep.http.web import HttpReply, Request
 
@@ -214,6 +212,8 @@ class EntraAuthenticator:
     """
 
     def __init__(self, admin: config.AdminSettings) -> None:
+        import jwt  # here, not at the top: only Entra sign-in needs PyJWT, and local mode saves its memory
+
         base = f"{admin.authority_host}/{admin.tenant_id}"
         self.issuer = f"{base}/v2.0"
         self.audiences = list(admin.audiences)
@@ -231,6 +231,8 @@ class EntraAuthenticator:
         return AdminPrincipal(str(name), "entra")
 
     def _claims(self, token: str) -> dict:
+        import jwt
+
         try:
             key = self._keys.get_signing_key_from_jwt(token)
             return jwt.decode(

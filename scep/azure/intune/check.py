@@ -26,7 +26,6 @@ from scep.azure.intune.client import (
     INTUNE_API_APP_ID,
     SCEP_ROLE,
     VALIDATION_SERVICE,
-    AuthMode,
     IntuneAuthenticationError,
     IntuneClient,
     IntuneConnectionError,
@@ -34,6 +33,7 @@ from scep.azure.intune.client import (
     IntuneHttpError,
     IntuneServiceNotFound,
 )
+from scep.azure.intune.settings import AuthMode
 from scep.findings import Finding, Status
 
 

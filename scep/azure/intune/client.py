@@ -25,13 +25,12 @@ import requests
 from azure.core.credentials import TokenCredential
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
-from scep import PRODUCT, __version__
 from scep.azure import telemetry
 from scep.azure.errors import first_line, translated
+from scep.azure.intune.settings import IntuneSettings
 
 logger = logging.getLogger("scep.azure.intune")
 
-INTUNE_APP_ID = "0000000a-0000-0000-c000-000000000000"  # the Intune service principal Graph lists endpoints of
 INTUNE_API_APP_ID = "c161e42e-d4df-4a3d-9b42-e7a3c31f59d4"  # "Microsoft Intune API", which owns SCEP_ROLE
 SCEP_ROLE = "scep_challenge_provider"
 GRAPH_ROLE = "Application.Read.All"
@@ -78,61 +77,9 @@ ERROR_CODES = frozenset(
 )
 KNOWN_CODES = ERROR_CODES | {SUCCESS_CODE}
 
-DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
-DEFAULT_GRAPH_URL = "https://graph.microsoft.com"
-DEFAULT_RESOURCE_URL = "https://api.manage.microsoft.com/"
-DEFAULT_TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
 MAX_ERROR_DESCRIPTION = 255
 _MAX_DISCOVERY_PAGES = 20
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-
-class AuthMode(str, Enum):
-    SECRET = "secret"
-    CERTIFICATE = "certificate"
-    MANAGED_IDENTITY = "managed-identity"
-    FEDERATED = "federated"
-
-
-class IntuneConfigError(ValueError):
-    """A setting is missing or wrong; `setting` names it."""
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(f"{setting}: {message}")
-        self.setting = setting
-
-
-@dataclass(frozen=True)
-class IntuneSettings:
-    """Everything the Intune client needs to know, none of it secret."""
-
-    tenant_id: str
-    client_id: str | None = None
-    auth: AuthMode = AuthMode.SECRET
-    authority_host: str = DEFAULT_AUTHORITY_HOST
-    graph_url: str = DEFAULT_GRAPH_URL
-    resource_url: str = DEFAULT_RESOURCE_URL
-    client_certificate_path: str | None = None
-    managed_identity_client_id: str | None = None  # a user-assigned identity; None = system-assigned
-    token_exchange_audience: str = DEFAULT_TOKEN_EXCHANGE_AUDIENCE
-    connect_timeout: float = 5.0
-    read_timeout: float = 15.0
-    validate_retries: int = 2
-    user_agent: str = f"{PRODUCT}/{__version__}"
-
-    @property
-    def intune_scope(self) -> str:
-        # Microsoft's libraries append "/.default" to the resource URL as is: with the default resource
-        # (trailing slash) the scope has a double slash, which is what Entra expects for this API.
-        return self.resource_url + "/.default"
-
-    @property
-    def graph_scope(self) -> str:
-        return self.graph_url.rstrip("/") + "/.default"
-
-    @property
-    def discovery_url(self) -> str:
-        return f"{self.graph_url.rstrip('/')}/v1.0/servicePrincipals/appId={INTUNE_APP_ID}/endpoints"
 
 
 # Results and errors

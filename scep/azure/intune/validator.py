@@ -14,16 +14,15 @@ from datetime import datetime, timezone
 from cryptography import x509
 
 from scep import PRODUCT
-from scep.azure.intune import (
-    HResult,
+from scep.azure.intune.client import (
+    MAX_ERROR_DESCRIPTION,
     IntuneAuthenticationError,
     IntuneClient,
     IntuneError,
     IntuneResult,
     IntuneServiceNotFound,
 )
-from scep.azure.intune.client import MAX_ERROR_DESCRIPTION
-from scep.challenge import EnrollmentRequest, NotificationFailed, Verdict
+from scep.challenge import EnrollmentRequest, HResult, NotificationFailed, Verdict
 from scep.core.der import fingerprint
 from scep.core.protocol import FailInfo
 
