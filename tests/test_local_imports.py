@@ -5,6 +5,8 @@ Azure backends, the Intune client and Entra ID admin sign-in use them.
 The probe runs in a fresh interpreter what the arbiter and a worker of `scep serve` run: the `scep` command's
 module, the gunicorn configuration, settings, `wsgi.create_app()`, GetCACert, an enrollment, /status, the CRL and
 OCSP named in the issued certificate, the admin API with the local credential, and the worker's background jobs.
+A real `scep serve` with two workers then reports, from each worker as it exits and from the arbiter, what it
+loaded after enrolling a device.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from scep.core.protocol import PkiStatus
+from scep.tools.client import ScepClient, make_csr, new_enrollment, new_key
 from tests.conftest import CHALLENGE
-from tests.serverproc import REPO_ROOT, hermetic_environment
+from tests.serverproc import REPO_ROOT, ScepServer, hermetic_environment
 
 HEAVY_PACKAGES = ("azure", "requests", "urllib3", "jwt")
 
@@ -101,3 +105,59 @@ def test_the_probe_sees_what_it_imports(probe):
     """The probe really ran the local server's code: a check that finds nothing must have looked."""
     assert {"scep.tools.cli", "scep.http.serving", "scep.http.wsgi", "scep.http.admin_auth", "scep.store.sqlite",
             "scep.http.status"} <= set(probe["modules"])
+
+
+# `scep serve` as the product runs it, with gunicorn's worker_exit hook (run in each worker process) and the end
+# of the arbiter writing what they loaded to <data dir>/modules-<pid>.json.
+SERVE_REPORTING_MODULES = r"""
+import json, os, sys
+from scep.http import serving
+from scep.tools import cli
+
+ARBITER = os.getpid()
+
+
+def report(role):
+    heavy = sorted(name for name in sys.modules if name.split(".")[0] in HEAVY_PACKAGES)
+    served = "scep.http.wsgi" in sys.modules
+    rss_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+    path = os.path.join(os.environ["SCEP_DATA_DIR"], f"modules-{os.getpid()}.json")
+    with open(path, "w") as file:
+        json.dump({"role": role, "heavy": heavy, "served": served, "rss_kib": rss_kib}, file)
+
+
+def worker_exit(server, worker):
+    report("worker")
+
+
+serving.GUNICORN_SETTINGS["worker_exit"] = worker_exit
+try:
+    sys.exit(cli.main(sys.argv[1:]))
+finally:  # gunicorn ends the arbiter with sys.exit; a worker's exit passes here too, already reported
+    if os.getpid() == ARBITER:
+        report("arbiter")
+""".replace("HEAVY_PACKAGES", repr(HEAVY_PACKAGES))
+
+
+class ReportingServer(ScepServer):
+    def command(self) -> list[str]:
+        return [self.python, "-c", SERVE_REPORTING_MODULES, *super().command()[3:]]
+
+
+def serve_and_enroll() -> list[dict]:
+    """What the arbiter and the two workers of a `scep serve` that enrolled one device report (role, heavy,
+    served, rss_kib)."""
+    with ReportingServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=2) as server:
+        client = ScepClient(server.scep_url)
+        ra, _ = client.ca_certificates()
+        key = new_key()
+        assert client.enroll(new_enrollment(key, make_csr(key, "device", CHALLENGE)), ra).status is PkiStatus.SUCCESS
+        assert server.stop() == 0, server.output_tail()
+        return [json.loads(path.read_text()) for path in server.data_dir.glob("modules-*.json")]
+
+
+def test_scep_serve_arbiter_and_workers_load_none_of_them():
+    reports = serve_and_enroll()
+    assert sorted((report["role"], report["served"]) for report in reports) == [
+        ("arbiter", False), ("worker", True), ("worker", True)], reports
+    assert [report["heavy"] for report in reports] == [[], [], []]
