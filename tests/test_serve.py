@@ -101,6 +101,36 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
         connection.close()
 
 
+def stalled_client(server: ScepServer) -> socket.socket:
+    """A connection that started a request and sent no more: gunicorn reads a started request without a timeout."""
+    stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    stalled.sendall(b"POST /api/scep?operation=PKIOperation HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return stalled
+
+
+def get_ca_caps(server: ScepServer, timeout: float) -> bytes:
+    with urllib.request.urlopen(server.scep_url + "?operation=GetCACaps", timeout=timeout) as response:
+        return response.read()
+
+
+def test_a_stalled_client_holds_one_of_the_two_default_threads_not_the_worker():
+    with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=1) as one_worker:
+        stalled = stalled_client(one_worker)
+        try:
+            assert b"POSTPKIOperation" in get_ca_caps(one_worker, timeout=20)
+        finally:
+            stalled.close()
+
+
+def test_threads_is_passed_to_gunicorn():
+    with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=1, threads=1) as single_thread:
+        stalled = stalled_client(single_thread)
+        with pytest.raises((TimeoutError, urllib.error.URLError)):  # the only thread waits for the stalled request
+            get_ca_caps(single_thread, timeout=3)
+        stalled.close()
+        assert b"POSTPKIOperation" in get_ca_caps(single_thread, timeout=20)
+
+
 def test_the_server_bounds_the_request_head(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
         raw.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")

@@ -39,7 +39,7 @@ INTUNE_REVOCATION_INTERVAL_SECONDS = 900.0  # Intune's revocation requests (back
 
 # gunicorn settings, read by name when this module is gunicorn's configuration (-c python:scep.http.serving).
 worker_class = "gthread"
-threads = 4
+threads = 2  # per worker: measured against 1 and 4 in docs/serving.md
 workers = os.cpu_count() or 1
 keepalive = 5  # seconds an idle keep-alive connection stays open
 timeout = 60  # a worker silent for this long is killed and replaced
