@@ -1,4 +1,4 @@
-"""Where one enrollment's CPU goes: the product's WSGI application in this process, on one thread, with a CPU-time
+"""Where one enrollment's CPU goes: the product's ASGI application in this process, on one thread, with a CPU-time
 counter around each step of the request path (the functions of scep.core the service calls, wrapped in place).
 
     python -m bench.profile -n 300
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import io
 import tempfile
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ from typing import Any
 from bench import loadgen
 from scep import config
 from scep.core import message, service
-from scep.http import wsgi
+from scep.http import asgi
 from scep.keys import local
 from scep.store import sqlite
 
@@ -96,19 +95,28 @@ def instrumented(clock: StepClock, validator: Any) -> Iterator[None]:
                 setattr(target, attribute, original)
 
 
-def environ_for(body: bytes) -> dict[str, Any]:
-    return {
-        "REQUEST_METHOD": "POST", "PATH_INFO": SCEP_PATH, "QUERY_STRING": "operation=PKIOperation",
-        "CONTENT_TYPE": loadgen.PKI_MESSAGE_TYPE, "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
-        "wsgi.url_scheme": "http", "HTTP_HOST": "127.0.0.1", "HTTP_CONNECTION": "keep-alive",
-    }  # fmt: skip
+SCOPE = {
+    "type": "http", "method": "POST", "path": SCEP_PATH, "query_string": b"operation=PKIOperation", "scheme": "http",
+    "headers": [(b"host", b"127.0.0.1"), (b"content-type", loadgen.PKI_MESSAGE_TYPE.encode()),
+                (b"connection", b"keep-alive")],
+}  # fmt: skip
 
 
-def serve(app: wsgi.WsgiApp, body: bytes) -> None:
-    status: list[str] = []
-    reply = b"".join(app(environ_for(body), lambda line, headers: status.append(line)))
-    if not status[0].startswith("200") or not reply:
-        raise RuntimeError(f"the product answered {status[0]}")
+def serve(app: asgi.AsgiApp, body: bytes) -> None:
+    """One request through the ASGI application, driven without an event loop: its receive and send never wait,
+    so the coroutine runs to its end in one step (what the worker's loop does, less the scheduling)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with contextlib.suppress(StopIteration):
+        app(SCOPE, receive, send).send(None)
+    if len(sent) != 2 or sent[0]["status"] != 200 or not sent[1]["body"]:
+        raise RuntimeError(f"the product answered {sent[0]['status'] if sent else 'nothing'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile_enrollments(args: argparse.Namespace) -> None:
-    app = wsgi.create_app()
+    app = asgi.create_app()
     the_service = config.service()
     ra = the_service.custody.keys().ra.certificate
     keys = loadgen.KeyCache(args.cache_dir).key_ders(args.warmup + args.n)
@@ -161,8 +169,8 @@ def print_table(clock: StepClock, total: float, count: int) -> None:
             continue
         print(f"{'  ' * depth + label:<66} {ms(clock.seconds[label]):7.3f}")
         top_level += clock.seconds[label] if depth == 0 else 0.0
-    print(f"{'everything else (WSGI, dispatch, telemetry, attributes, logging)':<66} {ms(total - top_level):7.3f}")
-    print(f"{'total per enrollment (WSGI application call)':<66} {ms(total):7.3f}")
+    print(f"{'everything else (ASGI, dispatch, telemetry, attributes, logging)':<66} {ms(total - top_level):7.3f}")
+    print(f"{'total per enrollment (ASGI application call)':<66} {ms(total):7.3f}")
 
 
 if __name__ == "__main__":

@@ -68,14 +68,12 @@ class ScepServer:
         env: Mapping[str, str] | None = None,
         *,
         workers: int = 1,
-        threads: int | None = None,
         data_dir: Path | str | None = None,
         port: int | None = None,
         python: str | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     ) -> None:
         self.workers = workers
-        self.threads = threads
         self.port = port or free_port()
         self.python = python or sys.executable
         self.startup_timeout = startup_timeout
@@ -148,7 +146,6 @@ class ScepServer:
         return [
             self.python, "-m", "scep.tools.cli", "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
-            *(["--threads", str(self.threads)] if self.threads else []),
         ]
 
     def environment(self) -> dict[str, str]:

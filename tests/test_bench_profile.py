@@ -1,4 +1,4 @@
-"""Smoke test of the per-step profiler (bench/profile.py): it serves real enrollments through the WSGI application
+"""Smoke test of the per-step profiler (bench/profile.py): it serves real enrollments through the ASGI application
 and accounts for every step; no timing assertions."""
 
 from __future__ import annotations

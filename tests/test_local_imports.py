@@ -3,7 +3,7 @@ requests/urllib3 or PyJWT: they cost each `scep serve` process memory (docs/serv
 Azure backends, the Intune client and Entra ID admin sign-in use them.
 
 The probe runs in a fresh interpreter what the arbiter and a worker of `scep serve` run: the `scep` command's
-module, the gunicorn configuration, settings, `wsgi.create_app()`, GetCACert, an enrollment, /status, the CRL and
+module, the gunicorn configuration, settings, `asgi.create_app()`, GetCACert, an enrollment, /status, the CRL and
 OCSP named in the issued certificate, the admin API with the local credential, and the worker's background jobs.
 A real `scep serve` with two workers then reports, from each worker as it exits and from the arbiter, what it
 loaded after enrolling a device.
@@ -26,7 +26,7 @@ from tests.serverproc import REPO_ROOT, ScepServer, hermetic_environment
 HEAVY_PACKAGES = ("azure", "requests", "urllib3", "jwt")
 
 PROBE = r"""
-import io, json, sys
+import asyncio, json, sys
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -36,21 +36,28 @@ from cryptography.x509 import ocsp
 from scep import config
 from scep.core import message as msg
 from scep.core.protocol import PkiStatus
-from scep.http import admin_auth, backend, serving, wsgi
+from scep.http import admin_auth, asgi, backend, serving
 from scep.tools import cli
 from scep.tools.client import DEFAULT_OPTIONS, build_request, make_csr, new_enrollment, new_key, read_reply
 from scep.tools.client import split_ra_and_ca
 
-app = wsgi.create_app()
+app = asgi.create_app()
 
 
 def call(method, url, query="", body=b"", **headers):
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": urlsplit(url).path, "QUERY_STRING": query,
-               "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)) if body else "",
-               **{"HTTP_" + name.upper(): value for name, value in headers.items()}}
-    answer = {}
-    reply = b"".join(app(environ, lambda status, _: answer.setdefault("status", int(status.split()[0]))))
-    assert answer["status"] == 200, (method, url, answer["status"], reply[:200])
+    scope = {"type": "http", "method": method, "path": urlsplit(url).path, "query_string": query.encode(),
+             "headers": [(name.replace("_", "-").encode(), value.encode()) for name, value in headers.items()]}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status, reply = sent[0]["status"], sent[1]["body"]
+    assert status == 200, (method, url, status, reply[:200])
     return reply
 
 
@@ -103,7 +110,7 @@ def test_local_mode_loads_no_azure_sdk_requests_or_jwt(probe):
 
 def test_the_probe_sees_what_it_imports(probe):
     """The probe really ran the local server's code: a check that finds nothing must have looked."""
-    assert {"scep.tools.cli", "scep.http.serving", "scep.http.wsgi", "scep.http.admin_auth", "scep.store.sqlite",
+    assert {"scep.tools.cli", "scep.http.serving", "scep.http.asgi", "scep.http.admin_auth", "scep.store.sqlite",
             "scep.http.status"} <= set(probe["modules"])
 
 
@@ -119,7 +126,7 @@ ARBITER = os.getpid()
 
 def report(role):
     heavy = sorted(name for name in sys.modules if name.split(".")[0] in HEAVY_PACKAGES)
-    served = "scep.http.wsgi" in sys.modules
+    served = "scep.http.asgi" in sys.modules
     rss_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:"))
     path = os.path.join(os.environ["SCEP_DATA_DIR"], f"modules-{os.getpid()}.json")
     with open(path, "w") as file:

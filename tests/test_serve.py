@@ -102,7 +102,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(server):
 
 
 def stalled_client(server: ScepServer) -> socket.socket:
-    """A connection that started a request and sent no more: gunicorn reads a started request without a timeout."""
+    """A connection that started a request and sent no more."""
     stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     stalled.sendall(b"POST /api/scep?operation=PKIOperation HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     return stalled
@@ -113,22 +113,14 @@ def get_ca_caps(server: ScepServer, timeout: float) -> bytes:
         return response.read()
 
 
-def test_a_stalled_client_holds_one_of_the_two_default_threads_not_the_worker():
+def test_a_client_that_stalls_mid_request_holds_nothing():
     with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=1) as one_worker:
-        stalled = stalled_client(one_worker)
+        stalled = [stalled_client(one_worker) for _ in range(20)]
         try:
             assert b"POSTPKIOperation" in get_ca_caps(one_worker, timeout=20)
         finally:
-            stalled.close()
-
-
-def test_threads_is_passed_to_gunicorn():
-    with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=1, threads=1) as single_thread:
-        stalled = stalled_client(single_thread)
-        with pytest.raises((TimeoutError, urllib.error.URLError)):  # the only thread waits for the stalled request
-            get_ca_caps(single_thread, timeout=3)
-        stalled.close()
-        assert b"POSTPKIOperation" in get_ca_caps(single_thread, timeout=20)
+            for connection in stalled:
+                connection.close()
 
 
 def test_the_server_bounds_the_request_head(server):
@@ -173,15 +165,16 @@ def test_sigkill_of_the_process_group_leaves_no_worker():
         server.close()
 
 
-def test_gunicorn_records_of_client_text_are_cleaned_and_bounded():
-    # gunicorn logs a refused header name as it came (repr), at WARNING: scep.logs bounds it like its own records
+def test_a_refused_request_head_leaves_no_raw_client_text_in_the_logs():
+    # gunicorn refuses a header name with a control character; whatever it logs (gthread logged the name as it
+    # came), the records of the scep and gunicorn loggers are cleaned and bounded by scep.logs
     with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=1) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
             raw.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"N" * 6000 + b"\x1b: 1\r\n\r\n")
             assert raw.recv(100).startswith(b"HTTP/1.1 400")
-        line = wait_for(lambda: next((entry for entry in server.stderr.splitlines() if "NNNN" in entry), None),
-                        "gunicorn's record of the request")
-    assert "\x1b" not in line and len(line) < MAX_MESSAGE_CHARS + 200
+        assert health_status(server) == 200
+        logged = server.stderr.splitlines()
+    assert not any("\x1b" in line or len(line) > MAX_MESSAGE_CHARS + 200 for line in logged)
 
 
 def test_strongswan_reads_the_413_of_a_request_over_the_limit(tmp_path):

@@ -1,1 +1,1 @@
-"""HTTP: `web` is the one framework-free boundary; the adapters serve it (Azure Functions, WSGI)."""
+"""HTTP: `web` is the one framework-free boundary; the adapters serve it (Azure Functions, ASGI)."""

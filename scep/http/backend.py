@@ -1,5 +1,5 @@
 """The process's `web.ScepHttp`, built on the composition root (config): the one request-handling object that the
-Azure Functions adapters (functions.py) and the WSGI application (wsgi.py) both call."""
+Azure Functions adapters (functions.py) and the ASGI application (asgi.py) both call."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""gunicorn settings and hooks for the product's WSGI application, and the gunicorn application `scep serve` runs.
+"""gunicorn settings and hooks for the product's ASGI application, and the gunicorn application `scep serve` runs.
 
-This module is a gunicorn configuration module as well: a user who runs the WSGI application on their own gunicorn
+This module is a gunicorn configuration module as well: a user who runs the ASGI application on their own gunicorn
 gets the same limits and the same daily maintenance job with
 
-    gunicorn -c python:scep.http.serving --bind 127.0.0.1:8080 'scep.http.wsgi:create_app()'
+    gunicorn -c python:scep.http.serving --bind 127.0.0.1:8080 'scep.http.asgi:create_app()'
 
-Settings (gunicorn's documentation, "Settings"): `gthread` workers serve keep-alive connections on a thread pool
-(the `sync` worker closes every connection); request line, header count and header size are bounded explicitly;
+Settings (gunicorn's documentation, "Settings"): gunicorn's `asgi` workers serve keep-alive connections on an
+asyncio event loop, one process per CPU (docs/serving.md has the measurements against `gthread` and `sync`);
+request line, header count and header size are bounded explicitly;
 the access log is off, because a request line is client-controlled text and gunicorn's access logger writes it as
 given (the product's own records and gunicorn's error log are cleaned by scep.logs).
 
@@ -38,8 +39,7 @@ PUBLICATION_INTERVAL_SECONDS = 3600.0  # CRL publication (backend.run_publicatio
 INTUNE_REVOCATION_INTERVAL_SECONDS = 900.0  # Intune's revocation requests (backend.run_intune_revocations)
 
 # gunicorn settings, read by name when this module is gunicorn's configuration (-c python:scep.http.serving).
-worker_class = "gthread"
-threads = 2  # per worker: measured against 1 and 4 in docs/serving.md
+worker_class = "asgi"
 workers = os.cpu_count() or 1
 keepalive = 5  # seconds an idle keep-alive connection stays open
 timeout = 60  # a worker silent for this long is killed and replaced
@@ -81,14 +81,14 @@ def _every(name: str, job: Callable[[], Any], interval: float) -> None:
 
 GUNICORN_SETTINGS: dict[str, Any] = {
     name: value for name, value in dict(globals()).items()
-    if name in ("worker_class", "threads", "workers", "keepalive", "timeout", "graceful_timeout",
+    if name in ("worker_class", "workers", "keepalive", "timeout", "graceful_timeout",
                 "limit_request_line", "limit_request_fields", "limit_request_field_size", "accesslog",
                 "control_socket_disable", "pre_fork", "on_reload", "post_worker_init")
 }
 
 
 class ScepServer(BaseApplication):
-    """gunicorn run in this process (the arbiter) on the product's WSGI application, with GUNICORN_SETTINGS and
+    """gunicorn run in this process (the arbiter) on the product's ASGI application, with GUNICORN_SETTINGS and
     `options` over them; `ready(url)` is called once it listens."""
 
     def __init__(self, options: dict[str, Any], ready: Callable[[str], None]) -> None:
@@ -101,7 +101,7 @@ class ScepServer(BaseApplication):
             self.cfg.set(name, value)
 
     def load(self) -> Callable[..., Any]:
-        from scep.http.wsgi import create_app
+        from scep.http.asgi import create_app
 
         return create_app()
 

@@ -3,8 +3,8 @@ types, status codes.
 
 `ROUTES` lists every path the product serves, its methods and its handler; `ScepHttp` answers a framework-free
 `Request` with an `HttpReply`. Both adapters are built from that one table and the same `ScepHttp` object:
-`functions.py` registers each route as an Azure Functions HTTP function, `wsgi.py` is the WSGI application that
-`scep serve` runs on gunicorn. Nothing here knows Azure Functions or WSGI.
+`functions.py` registers each route as an Azure Functions HTTP function, `asgi.py` is the ASGI application that
+`scep serve` runs on gunicorn. Nothing here knows Azure Functions or ASGI.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _certificate_report(expiry: Expiry) -> dict:
 @dataclass(frozen=True)
 class Request:
     """One HTTP request as every adapter hands it over: query parameters first value per name, `+` already
-    decoded to a space (as the Functions host and WSGI servers do), the whole body."""
+    decoded to a space (as the Functions host and web servers do), the whole body."""
 
     method: str
     path: str

@@ -59,7 +59,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPUs)")
-    serve.add_argument("--threads", type=int, help="threads per worker (default: 2; see docs/serving.md)")
     serve.add_argument("--data-dir", help="overrides SCEP_DATA_DIR")
     serve.set_defaults(run=_serve)
 
@@ -166,8 +165,6 @@ def _serve(args) -> int:
 
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError("--threads must be at least 1")
     overrides = {name: value for name, value in (("SCEP_DATA_DIR", args.data_dir), ("SCEP_LOG_LEVEL", args.log_level))
                  if value}
     preliminary = config.load_settings(overrides=overrides, for_serving=False)
@@ -194,8 +191,6 @@ def _serve(args) -> int:
 
     level = config.log_level(settings) or "warning"
     options = {"bind": _bind_address(args.host, args.port), "workers": args.workers, "loglevel": level}
-    if args.threads is not None:
-        options["threads"] = args.threads
     ScepServer(options, ready).run()  # returns on SIGTERM/SIGINT, after the workers stopped
     return 0
 
