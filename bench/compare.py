@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class Settings:
     workers: int
     servers: tuple[str, ...]
     time_limit: float
+    rounds: int = 1
 
 
 def server_factories(settings: Settings, cache_dir: Path) -> tuple[dict[str, ServerFactory], list[str]]:
@@ -136,6 +138,31 @@ def _answered(report: loadgen.Report) -> int:
     return report.requests - report.errors_by_kind.get(loadgen.TRANSPORT_ERROR, 0)
 
 
+# Over several rounds: the median of each rate, latency, CPU and memory figure, and the sum of each count (an error or
+# a repeated serial in any round counts).
+_MEDIAN_KEYS = (
+    "enrollments_per_second", "unique_enrollments_per_second", "replies_per_second", "p50_ms", "p99_ms",
+    "peak_rss_mib", "peak_pss_mib", "server_cpu_ms_per_enrollment", "rsa_floor_multiple", "server_cpu_utilization",
+    "loadgen_cpu_seconds", "other_cpu_seconds",
+)  # fmt: skip
+_SUM_KEYS = ("requests", "successes", "errors", "duplicate_serials")
+
+
+def combine_rounds(runs: list[dict]) -> list[dict]:
+    """One run per concurrency level and server, in the order they first ran, with the medians and sums over its
+    rounds (`rounds` says how many; over one round, that run's own figures)."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["concurrency"], run["server"]), []).append(run)
+    combined = []
+    for group in groups.values():
+        merged = dict(group[-1], rounds=len(group))
+        merged.update({key: statistics.median(run[key] for run in group) for key in _MEDIAN_KEYS if key in merged})
+        merged.update({key: sum(run[key] for run in group) for key in _SUM_KEYS if key in merged})
+        combined.append(merged)
+    return combined
+
+
 def compare(runs: list[dict], concurrency_levels: tuple[int, ...]) -> list[dict]:
     """Per concurrency level with a product run: the product against its targets (step-ca's rate is needed for the
     throughput target; without a step-ca run it stays undetermined)."""
@@ -206,6 +233,7 @@ def _product_commit() -> str:
 
 
 _COLUMNS = (
+    ("round", "round", "{:>5}"),
     ("c", "concurrency", "{:>3}"),
     ("server", "server", "{:<9}"),
     ("enrol/s", "enrollments_per_second", "{:>8.1f}"),
@@ -319,11 +347,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=loadgen.DEFAULT_CACHE_DIR)
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--require-targets", action="store_true", help="exit 1 when a target is not met")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every server at every level this many times, in turn; the comparison takes the medians",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     settings = Settings(
         requests=args.requests,
         concurrency_levels=tuple(args.concurrency),
@@ -334,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         servers=tuple(args.servers),
         time_limit=args.time_limit,
+        rounds=args.rounds,
     )
     factories, skipped = server_factories(settings, args.cache_dir)
     for reason in skipped:
@@ -346,12 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     rsa_floor = measure_rsa_floor(settings.key_size)
     print(rsa_floor.describe(), flush=True)
     runs = _run_all(settings, factories, loadgen.KeyCache(args.cache_dir, settings.device_key_size), rsa_floor)
-    verdicts = compare(runs, settings.concurrency_levels)
+    combined = combine_rounds(runs)
+    verdicts = compare(combined, settings.concurrency_levels)
     print()
     print(format_table(runs))
     print()
     print(rsa_floor.describe())
-    print(format_side_by_side(runs, settings.concurrency_levels))
+    if settings.rounds > 1:
+        print(f"medians over {settings.rounds} rounds (errors and duplicate serials: totals)")
+    print(format_side_by_side(combined, settings.concurrency_levels))
     print(format_verdicts(verdicts))
     document = {
         "machine": machine(),
@@ -359,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "rsa_floor": rsa_floor.to_dict(),
         "runs": runs,
+        "combined": combined,
         "verdicts": verdicts,
     }
     document["targets_met"] = bool(verdicts) and all(verdict["targets_met"] for verdict in verdicts)
@@ -374,12 +414,15 @@ def _run_all(
     keys = cache.key_ders(settings.requests)
     warmup_keys = cache.key_ders(settings.warmup, start=settings.requests)
     runs = []
-    for concurrency in settings.concurrency_levels:
-        for kind, factory in factories.items():
-            print(f"--- {kind}, concurrency {concurrency}, {settings.requests} requests", flush=True)
-            run = run_one(factory(), concurrency, settings, keys, warmup_keys, rsa_floor)
-            print(_run_summary(run), flush=True)
-            runs.append(run)
+    for round_number in range(1, settings.rounds + 1):
+        for concurrency in settings.concurrency_levels:
+            for kind, factory in factories.items():
+                print(f"--- {kind}, concurrency {concurrency}, {settings.requests} requests, round {round_number}"
+                      f" of {settings.rounds}", flush=True)
+                run = run_one(factory(), concurrency, settings, keys, warmup_keys, rsa_floor)
+                run["round"] = round_number
+                print(_run_summary(run), flush=True)
+                runs.append(run)
     return runs
 
 

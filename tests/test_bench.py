@@ -180,21 +180,45 @@ def test_compare_command_writes_results(tmp_path: Path, cache_dir: Path) -> None
     require_binary(servers.MICROMDM_BINARY)
     kinds = ["product", "micromdm"]
     argv = ["-n", "3", "--warmup", "1", "--concurrency", "1", "--workers", "1", "--challenge", CHALLENGE]
-    argv += ["--servers", *kinds, "--cache-dir", str(cache_dir), "--results-dir", str(tmp_path)]
+    argv += ["--servers", *kinds, "--cache-dir", str(cache_dir), "--results-dir", str(tmp_path), "--rounds", "2"]
     assert compare.main(argv) == 0
     [written] = tmp_path.glob("compare-*.json")
     document = json.loads(written.read_text())
-    assert [run["server"] for run in document["runs"]] == kinds
-    product = document["runs"][0]
-    assert product["successes"] == 3 and product["errors"] == 0
+    assert [(run["round"], run["server"]) for run in document["runs"]] == [(1, "product"), (1, "micromdm"),
+                                                                          (2, "product"), (2, "micromdm")]
+    assert [(run["server"], run["rounds"]) for run in document["combined"]] == [("product", 2), ("micromdm", 2)]
+    product = document["combined"][0]
+    assert product["successes"] == 6 and product["errors"] == 0
     assert product["peak_rss_mib"] > 0
     floor = document["rsa_floor"]
     assert floor["key_size"] == 2048 and floor["enrollment_ms"] == floor["decrypt_ms"] + 2 * floor["sign_ms"]
-    assert product["rsa_floor_multiple"] == product["server_cpu_ms_per_enrollment"] / floor["enrollment_ms"]
+    cpu_ms = product["server_cpu_ms_per_enrollment"]
+    assert product["rsa_floor_multiple"] == pytest.approx(cpu_ms / floor["enrollment_ms"])
     assert document["machine"]["nproc"] >= 1
     [verdict] = document["verdicts"]  # step-ca is left out: the throughput target stays undetermined
     assert verdict["step_ca_ratio"] is None and verdict["targets_met"] is False
     assert verdict["rsa_floor_multiple"] == product["rsa_floor_multiple"]
+
+
+def test_rounds_combine_into_medians_and_totals() -> None:
+    def run(round_number: int, server: str, rate: float, errors: int) -> dict:
+        return {"round": round_number, "server": server, "concurrency": 8, "enrollments_per_second": rate,
+                "server_cpu_ms_per_enrollment": 1000 / rate, "requests": 10, "successes": 10 - errors,
+                "errors": errors, "duplicate_serials": 0}
+
+    runs = [run(1, "product", 300, 0), run(1, "step-ca", 200, 0), run(2, "product", 500, 1),
+            run(2, "step-ca", 260, 0), run(3, "product", 400, 0), run(3, "step-ca", 100, 0)]
+    product, step_ca = compare.combine_rounds(runs)
+    assert (product["server"], product["rounds"], product["enrollments_per_second"]) == ("product", 3, 400)
+    assert product["server_cpu_ms_per_enrollment"] == 1000 / 400
+    assert (product["requests"], product["successes"], product["errors"]) == (30, 29, 1)
+    assert (step_ca["server"], step_ca["enrollments_per_second"]) == ("step-ca", 200)
+
+
+def test_fewer_than_one_round_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        compare.main(["--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_the_rsa_floor_is_one_decryption_and_two_signatures() -> None:
