@@ -272,6 +272,12 @@ class Settings:
     def uses_key_vault(self) -> bool:
         return self.key_vault is not None
 
+    @property
+    def handling_waits_on_network(self) -> bool:
+        """Whether answering a request can wait on another service: Key Vault (keys or secrets), Table Storage or
+        Intune. Local keys, SQLite and a static challenge set in the environment are CPU and disk only."""
+        return self.uses_key_vault or self.store_kind == "tables" or "intune" in self.modes
+
 
 # --- one parser per kind of value ---
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,6 +109,24 @@ def test_unknown_path_is_404_and_wrong_method_is_405_with_allow(app):
     assert (status, headers["Allow"]) == (405, "GET, POST")
     status, headers, _ = call(app, scope("POST", "/api/health"), Body(b"x"))
     assert (status, headers["Allow"]) == (405, "GET")
+
+
+@pytest.mark.parametrize("threads,on_the_loop", [(0, True), (2, False)])
+def test_requests_are_handled_on_the_loop_or_on_threads(threads, on_the_loop):
+    handled_on: list[str] = []
+
+    def where(_: web.Backend, request: web.Request) -> web.HttpReply:
+        handled_on.append(threading.current_thread().name)
+        return web.text(200, "ok")
+
+    app = AsgiApp(web.ScepHttp(backend.HTTP.backend, (web.Route("where", "where", ("GET",), where),)), threads)
+    assert call(app, scope("GET", "/where"))[0] == 200
+    assert (handled_on == [threading.current_thread().name]) is on_the_loop
+    assert handled_on[0].startswith("scep-request") is not on_the_loop
+
+
+def test_the_local_app_handles_on_the_loop(app):
+    assert not config.settings().handling_waits_on_network and app.handler_threads is None
 
 
 def test_query_plus_is_a_space_and_the_first_value_wins(app):

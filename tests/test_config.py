@@ -94,6 +94,16 @@ def test_defaults_are_valid():
     assert settings.modes == {"static"} and settings.store_kind == "sqlite" and not settings.uses_key_vault
 
 
+def test_only_local_keys_sqlite_and_a_static_challenge_never_wait_on_another_service():
+    def waits(**environment: str) -> bool:
+        return load_settings({**BASE, **environment}, for_serving=False).handling_waits_on_network
+
+    assert not waits()
+    assert waits(KEY_VAULT_URL="https://vault.example.net")
+    assert waits(**TABLES)
+    assert waits(SCEP_CHALLENGE_MODE="static,intune")
+
+
 def test_store_auto_selects_tables_from_any_endpoint():
     for name in ("SCEP_TABLES_ENDPOINT", "AzureWebJobsStorage__tableServiceUri", "SCEP_TABLES_CONNECTION_STRING"):
         assert load_settings({**BASE, name: "https://account.table.core.windows.net"}).store_kind == "tables"

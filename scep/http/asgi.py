@@ -6,14 +6,19 @@ their own reverse proxy (docs/serving.md):
 It turns an ASGI HTTP scope into a `web.Request` and hands it to the same `web.ScepHttp` object the Azure Functions
 adapters call (backend.HTTP). The server parses HTTP; this module only bounds the body it reads.
 
-The handling itself is synchronous CPU work (RSA, DER, the store) and runs on the worker's event loop: a worker
-answers one request at a time, as one interpreter lock would let it anyway, while the loop reads the other
-connections' requests without a thread per connection, so a client that stalls halfway holds nothing.
+With local keys, SQLite and a static challenge the handling is synchronous CPU and disk work (RSA, DER, the store)
+and runs on the worker's event loop: a worker answers one request at a time, as one interpreter lock would let it
+anyway, while the loop reads the other connections' requests without a thread per connection, so a client that
+stalls halfway holds nothing. When answering can wait on another service (Key Vault, Table Storage, Intune:
+`Settings.handling_waits_on_network`), requests are handed to HANDLER_THREADS threads, so that one request waiting
+for Intune does not hold the others back.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -24,6 +29,7 @@ from scep.http import backend, web
 # (urllib sends the whole body before it reads; curl stops at an early answer) would otherwise meet a closed
 # socket, and a close with unread data resets the connection, losing the 413 the client had not read yet.
 DISCARD_LIMIT = 16 * 1024 * 1024
+HANDLER_THREADS = 8  # per worker, when answering can wait on another service
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -35,10 +41,11 @@ class ClientGone(Exception):
 
 
 class AsgiApp:
-    """An ASGI application over one `web.ScepHttp`."""
+    """An ASGI application over one `web.ScepHttp`: requests handled on the event loop, or on `threads` threads."""
 
-    def __init__(self, http: web.ScepHttp) -> None:
+    def __init__(self, http: web.ScepHttp, threads: int = 0) -> None:
         self.http = http
+        self.handler_threads = ThreadPoolExecutor(threads, thread_name_prefix="scep-request") if threads else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -55,7 +62,10 @@ class AsgiApp:
         body = await read_body(receive, limit)
         if body is None:
             return web.too_large(limit)
-        return self.http.handle(request_of(scope, body))
+        request = request_of(scope, body)
+        if self.handler_threads is None:
+            return self.http.handle(request)
+        return await asyncio.get_running_loop().run_in_executor(self.handler_threads, self.http.handle, request)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -133,6 +143,7 @@ def create_app() -> AsgiApp:
     """The product's ASGI application. Settings are checked here: a wrong one stops the worker at start, with a
     message naming it. Records of the product's loggers (and gunicorn's) are cleaned, at SCEP_LOG_LEVEL. Telemetry is
     configured here, in each worker after the fork: exporter threads do not survive a fork."""
-    logs.configure_console(config.log_level(config.settings()) or "warning")
-    config.configure_telemetry(config.settings())
-    return AsgiApp(backend.HTTP)
+    settings = config.settings()
+    logs.configure_console(config.log_level(settings) or "warning")
+    config.configure_telemetry(settings)
+    return AsgiApp(backend.HTTP, HANDLER_THREADS if settings.handling_waits_on_network else 0)
