@@ -249,6 +249,7 @@ def _content_info(data: bytes, content_type: str) -> der.Element | None:
 
 
 def _signed_data_of(data: bytes) -> _SignedData | None:
+    """The fields of a ContentInfo holding a SignedData, or None when it holds something else."""
     content = _content_info(data, OID_SIGNED_DATA)
     if content is None:
         return None
@@ -257,7 +258,7 @@ def _signed_data_of(data: bytes) -> _SignedData | None:
         raise ValueError("SignedData has too few fields")
     _universal(fields[0], _INTEGER, "SignedData version")
     _universal(fields[1], _SET, "digestAlgorithms")
-    optional = {field.tag: field for field in fields[3:-1] if field.is_(der.CONTEXT, field.tag)}
+    optional = {field.tag: field for field in fields[3:-1] if field.class_ == der.CONTEXT}  # [0] certs, [1] crls
     if len(optional) != len(fields) - 4 or not set(optional) <= {0, 1}:
         raise ValueError("SignedData has an unexpected field")
     return _SignedData(
