@@ -39,6 +39,17 @@ class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time; the message carries its output."""
 
 
+def wait_for(condition, what: str, timeout: float = 30.0):
+    """The first true value condition() returns, polled until `timeout` seconds; AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

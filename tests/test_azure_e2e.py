@@ -4,7 +4,6 @@ Table store (Azurite), a real SCEP client (strongSwan), the Key Vault operation 
 
 from __future__ import annotations
 
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ from scep.tools.client import DEFAULT_OPTIONS, ScepClient, build_request, make_c
 from tests.conftest import CHALLENGE
 from tests.interop import load_certificate, require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
-from tests.serverproc import ScepServer, run_cli
+from tests.serverproc import ScepServer, run_cli, wait_for
 from tests.vault_helpers import emulated_vault, wait_for_first_crl
 
 pytestmark = pytest.mark.e2e
@@ -42,16 +41,6 @@ def scep_cli(environment: dict[str, str], *arguments: str) -> str:
     completed = run_cli(environment, *arguments)
     assert completed.returncode == 0, f"scep {' '.join(arguments)}:\n{completed.stdout}\n{completed.stderr}"
     return completed.stdout
-
-
-def wait_for(condition, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_key_vault_and_tables_end_to_end(cloud, keys, tmp_path: Path):

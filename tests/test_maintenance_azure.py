@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from scep.tools.client import ScepClient
-from tests.serverproc import ScepServer
-from tests.test_azure_e2e import cloud, scep_cli, wait_for  # noqa: F401  (cloud is a fixture)
+from tests.serverproc import ScepServer, wait_for
+from tests.test_azure_e2e import cloud, scep_cli  # noqa: F401  (cloud is a fixture)
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from scep.logs import MAX_MESSAGE_CHARS
 from tests.conftest import CHALLENGE
 from tests.interop import require_binary
 from tests.interop.strongswan import enrol, fetch_ca_certificates, generate_key
-from tests.serverproc import ScepServer
+from tests.serverproc import ScepServer, wait_for
 
 FIVE_MIB = 5 * 1024 * 1024
 MAX_MESSAGE_BYTES = 65536
@@ -36,16 +35,6 @@ def workers_of(pid: int) -> set[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         children |= {int(child) for child in (task / "children").read_text().split()}
     return children
-
-
-def wait_for(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def health_status(server: ScepServer) -> int:

@@ -4,7 +4,6 @@ and the RA renewing itself at start (local custody, pre-forked workers)."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -17,7 +16,7 @@ from scep.core.protocol import PkiStatus
 from scep.logs import MAX_VALUE_CHARS
 from scep.tools.client import ScepClient, make_csr, new_enrollment
 from tests.conftest import CHALLENGE
-from tests.serverproc import ScepServer, run_cli
+from tests.serverproc import ScepServer, run_cli, wait_for
 
 FORGED = "2099-01-01 00:00:00,000 ERROR scep.core.service: FORGED"
 
@@ -28,16 +27,6 @@ def fetch(url: str) -> tuple[int, dict[str, str], bytes]:
             return response.status, dict(response.headers.items()), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers.items()), error.read()
-
-
-def wait_until(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +44,7 @@ def enrol_with_transaction_id(server: ScepServer, keys, transaction_id: str) -> 
 
 
 def logged_line_with(server: ScepServer, marker: str) -> str:
-    return wait_until(
+    return wait_for(
         lambda: next((line for line in server.stderr.splitlines() if marker in line), None), f"a line with {marker}"
     )
 
@@ -104,10 +93,10 @@ def test_a_short_lived_ra_is_renewed_at_start_by_one_worker(tmp_path):
     data_dir = prepared_data_dir(tmp_path, ("ca", "init"), ("ca", "ra", "renew", "--days", "5"))
     short = x509.load_pem_x509_certificate((data_dir / "ra.pem").read_bytes())
     with ScepServer(env={"SCEP_CHALLENGE": CHALLENGE}, workers=3, data_dir=data_dir) as server:
-        renewed = wait_until(lambda: _renewed_ra(server, short), "the renewed RA in GetCACert")
+        renewed = wait_for(lambda: _renewed_ra(server, short), "the renewed RA in GetCACert")
         assert renewed.not_valid_after_utc - short.not_valid_after_utc > timedelta(days=600)
         # every worker picks the new RA up from the files within a few seconds
-        wait_until(lambda: all(_health_status(server) == "ok" for _ in range(6)), "health ok from every worker")
+        wait_for(lambda: all(_health_status(server) == "ok" for _ in range(6)), "health ok from every worker")
         log = server.stderr
     assert "WARNING scep.core.maintenance: the RA certificate CN=SCEP RA" in log and "scep ca ra renew" in log
     assert log.count("RA renewed") == 1, log
